@@ -1,0 +1,21 @@
+"""Cross-rank hand-offs for sequence parallelism (DESIGN.md §3-4).
+
+* state scans: ``exclusive_state_scan`` (allgather / allscan / ring) and ``sp_linear_scan``;
+* halos for causal token mixing: ``halo_exchange``;
+* softmax attention across shards: ``sp_attention`` (kv_allgather / ring_attention / ulysses);
+* reductions and re-sharding: ``all_reduce_sum``, ``all_reduce_max``, ``gather_sequence``,
+  ``shard_sequence``, ``sync_gradients``;
+* plumbing: groups by name, ``count_traffic``, ``set_timeout``, ``set_validation``.
+
+Every function accepts ``group`` as a ProcessGroup, its name, or None (P = 1: no
+communication). The heavy lifting lives in ``spcompile::`` custom ops that take the group by name,
+run eagerly, trace under FakeTensor / torch.compile and have exact backward formulas.
+"""
+from .runtime import (CollectiveError, Traffic, count_traffic, get_timeout, group_name,
+                      group_rank, group_size, resolve_group, set_timeout, set_validation)
+from .state_scan import STRATEGIES, exclusive_state_scan
+from .sp_scan import local_final_state, sp_linear_scan
+
+__all__ = ["CollectiveError", "Traffic", "count_traffic", "get_timeout", "group_name",
+           "group_rank", "group_size", "resolve_group", "set_timeout", "set_validation",
+           "STRATEGIES", "exclusive_state_scan", "local_final_state", "sp_linear_scan"]
