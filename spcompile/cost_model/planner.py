@@ -355,8 +355,14 @@ def crossover(kind: str, a: str, b: str, solve_for: str = "P", *,
                                   training=bool(opts.get("training", False)))
         return fm.fast(total)(values), total, values
 
-    diffs = []
+    diffs: List[Optional[float]] = []
     for x in grid:
+        sh = dict(shapes, **{solve_for: x})
+        if solve_for == "P" or kind == "halo":
+            sh_int = {k: int(round(v)) for k, v in sh.items()}
+            if any(_constraint(kind, s, sh_int, opts) for s in (a, b)):
+                diffs.append(None)          # one of them cannot run here: no tie to report
+                continue
         ca, _, _ = cost_and_expr(a, x)
         cb, _, _ = cost_and_expr(b, x)
         diffs.append(ca - cb)
@@ -364,7 +370,7 @@ def crossover(kind: str, a: str, b: str, solve_for: str = "P", *,
     var = fm.SYMBOLS[solve_for]
     for i in range(1, len(grid)):
         d0, d1 = diffs[i - 1], diffs[i]
-        if d0 == 0 or (d0 > 0) == (d1 > 0):
+        if d0 is None or d1 is None or d0 == 0 or (d0 > 0) == (d1 > 0):
             continue
         x0, x1 = grid[i - 1], grid[i]
         # exact expression with the machine/shape numbers of the upper point, var left free
@@ -393,15 +399,21 @@ def crossover_formula(kind: str, a: str, b: str, solve_for: str = "P",
                       decay: str = "none") -> List[sp.Expr]:
     """Symbolic tie point of the *communication* terms of ``a`` and ``b`` (sympy.solve).
 
-    Compute terms hold max() and are left out; this is the answer to "from which P (or T) does
+    alpha/beta are renamed per collective (``alpha_allgather``, ``alpha_p2p``, ...).  Compute
+    terms hold max() and are left out; this is the answer to "from which P (or T) does
     ``b``'s hand-off cost less than ``a``'s", with every other quantity a symbol."""
     var = fm.SYMBOLS[solve_for]
 
     def comm(s: str) -> sp.Expr:
         if kind == "linear_scan":
-            return fm.scan_handoff(s, decay)["comm"]
-        terms, _, _ = expressions(kind, s)
-        return terms["comm"]
+            e = fm.scan_handoff(s, decay)["comm"]
+        else:
+            e = expressions(kind, s)[0]["comm"]
+        # each collective has its own alpha/beta on real machines: keep them apart
+        coll = LINKS[(kind, s)][0]
+        return e.subs({fm.alpha: sp.Symbol(f"alpha_{coll}", positive=True),
+                       fm.beta: sp.Symbol(f"beta_{coll}", positive=True)})
 
     eq = (comm(a) - comm(b)).subs(fm.MULTI, 1)
-    return sp.solve(sp.Eq(eq, 0), var)
+    sols = sp.solve(sp.Eq(eq, 0), var)
+    return [x for x in sols if x != 1]      # P = 1 ties trivially (nothing is sent)
