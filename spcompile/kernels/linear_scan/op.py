@@ -152,9 +152,8 @@ def _linear_scan_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor
 
 @_linear_scan_bwd.register_fake
 def _(q, k, v, log_decay, initial_state, do, dS, scale, chunk_size):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(0) if log_decay is None else torch.empty_like(log_decay),
-            q.new_empty(0) if initial_state is None else torch.empty_like(initial_state)]
+    like = [q, k, v, log_decay, initial_state]
+    return [q.new_empty(0) if x is None else x.new_empty(x.shape) for x in like]
 
 
 def _setup_context(ctx, inputs, output):

@@ -45,7 +45,7 @@ def _chunks(x: torch.Tensor, N: int, C: int) -> torch.Tensor:
     pad = N * C - T
     if pad:
         x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1)
-    x = x.view(B, N, C, *x.shape[2:])
+    x = x.reshape(B, N, C, *x.shape[2:])
     return x.movedim(3, 1)  # B, H, N, C, ...
 
 

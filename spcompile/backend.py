@@ -1,0 +1,161 @@
+"""The ``sp`` torch.compile backend: options → pass pipeline → delegate compiler.
+
+``torch.compile(model, backend="sp")`` reaches :func:`sp_backend` through the
+``torch_dynamo_backends`` entry point (the only registration route: a second
+``register_backend`` for the same name fails with "duplicate name"). Dynamo hands a string
+backend its ``options=`` dict as a keyword. :func:`backend` returns a configured callable for
+``torch.compile(model, backend=spcompile.backend(...))``.
+
+The rewrite runs on the Dynamo (torch-level) graph, before AOTAutograd, so the backward of every
+spcompile op is that op's own autograd formula.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+
+STRATEGIES = ("auto", "allgather", "allscan", "ring")
+ATTENTION_STRATEGIES = ("auto", "kv_allgather", "ring_attention", "ulysses")
+COMPILERS = ("aot_eager", "inductor", "eager")
+
+
+@dataclass
+class Options:
+    """Backend options (``torch.compile(..., options={...})`` or ``spcompile.backend(...)``).
+
+    group: process group (or its name) for sequence parallelism; default the WORLD group when
+        torch.distributed is initialized, else none (P = 1).
+    seq_dim: sequence dimension of sequence-shaped inputs (default 1: ``[B, T, ...]``).
+    strategy: state hand-off for scans: auto (cost model) | allgather | allscan | ring.
+    attention_strategy: softmax layers: auto | kv_allgather | ring_attention | ulysses.
+    strict: refuse (instead of gathering around) sequence-mixing ops no pattern covers.
+    compiler: delegate compiler for the rewritten graph: aot_eager | inductor | eager.
+    chunk_size: chunk length of the scan kernels.
+    disable: pass names to switch off.
+    dump_dir: write readable graphs before/after each pass (also ``SPCOMPILE_DUMP_DIR``).
+    hardware: cost-model hardware profile (name or path) for ``strategy="auto"``.
+    input_seq_dims: per-input override {input index or name: seq dim, or None = not sequence}.
+    verbose: print the pass records and matches for every compiled graph.
+    """
+    group: Any = None
+    seq_dim: int = 1
+    strategy: str = "auto"
+    attention_strategy: str = "auto"
+    strict: bool = False
+    compiler: str = "aot_eager"
+    chunk_size: int = 64
+    disable: Tuple[str, ...] = ()
+    dump_dir: Optional[str] = None
+    hardware: Optional[str] = None
+    input_seq_dims: Dict[Any, Optional[int]] = field(default_factory=dict)
+    verbose: bool = False
+    world_size: Optional[int] = None  # planning only (explain with a fake group)
+
+    @classmethod
+    def make(cls, options: Optional[Dict[str, Any]] = None, **kw: Any) -> "Options":
+        merged = dict(options or {})
+        merged.update(kw)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - names)
+        if unknown:
+            raise TypeError(f"spcompile: unknown option(s) {unknown}; valid options are "
+                            f"{sorted(names)}")
+        opts = cls(**merged)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"spcompile: strategy={self.strategy!r}; choose one of {STRATEGIES}")
+        if self.attention_strategy not in ATTENTION_STRATEGIES:
+            raise ValueError(f"spcompile: attention_strategy={self.attention_strategy!r}; "
+                             f"choose one of {ATTENTION_STRATEGIES}")
+        if self.compiler not in COMPILERS and not callable(self.compiler):
+            raise ValueError(f"spcompile: compiler={self.compiler!r}; choose one of {COMPILERS} "
+                             f"or pass a backend callable")
+        if int(self.chunk_size) < 1:
+            raise ValueError(f"spcompile: chunk_size must be positive, got {self.chunk_size}")
+        if isinstance(self.disable, str):
+            self.disable = (self.disable,)
+        self.disable = tuple(self.disable)
+
+
+def resolve_group(group: Any) -> Tuple[str, int, int]:
+    """(group name, world size, rank) for the option value; ('', 1, 0) when there is none."""
+    import torch.distributed as dist
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return "", 1, 0
+        group = dist.group.WORLD
+    if isinstance(group, str):
+        if group == "":
+            return "", 1, 0
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        group = _resolve_process_group(group)
+    size = dist.get_world_size(group)
+    if size == 1:
+        return "", 1, 0
+    return group.group_name, size, dist.get_rank(group)
+
+
+def _delegate(compiler: Any) -> Callable:
+    if callable(compiler):
+        return compiler
+    if compiler == "eager":
+        return lambda gm, example_inputs: gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+    return lookup_backend(compiler)
+
+
+def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
+    """Run the pass pipeline on a Dynamo graph; returns (rewritten gm, ctx)."""
+    from .passes.pipeline import Ctx, run_pipeline
+    name, size, rank = resolve_group(opts.group)
+    if opts.world_size is not None and opts.world_size != size:
+        if size != 1:
+            raise ValueError(f"spcompile: world_size={opts.world_size} but the group has {size} "
+                             f"ranks; drop world_size (it is for planning without a group)")
+        size = int(opts.world_size)
+    ctx = Ctx(options=opts, example_inputs=list(example_inputs), group_name=name,
+              world_size=size, rank=rank)
+    gm = run_pipeline(gm, ctx)
+    return gm, ctx
+
+
+class SPBackend:
+    """A configured backend: ``torch.compile(model, backend=SPBackend(opts))``."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.reports: List[Any] = []  # one explain.Report per compiled graph
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        from .explain import Report
+        gm, ctx = transform(gm, example_inputs, self.opts)
+        report = Report.from_ctx(ctx, gm)
+        self.reports.append(report)
+        if self.opts.verbose:
+            print(report)
+        return _delegate(self.opts.compiler)(gm, example_inputs)
+
+    def __repr__(self) -> str:
+        return f"spcompile.backend({self.opts})"
+
+
+def backend(**options: Any) -> SPBackend:
+    """A configured ``sp`` backend: ``torch.compile(m, backend=spcompile.backend(strategy=...))``.
+
+    Accepts the fields of :class:`Options`.
+    """
+    return SPBackend(Options.make(**options))
+
+
+def sp_backend(gm: fx.GraphModule, example_inputs: List[Any],
+               options: Optional[Dict[str, Any]] = None) -> Callable:
+    """The ``"sp"`` entry point: ``torch.compile(m, backend="sp", options={...})``."""
+    return SPBackend(Options.make(options))(gm, example_inputs)

@@ -1,0 +1,202 @@
+"""Graph-level ops the rewrite and fallback passes insert (besides the scan/attention ops).
+
+Gradient convention inside a compiled graph: every collective has its *true adjoint*
+(all-reduce ↔ all-reduce, all-gather ↔ reduce-scatter, slice ↔ zero-pad), and every replicated
+graph output is wrapped in :func:`replicated_output`, whose backward divides the incoming gradient
+by ``P``: each rank calls ``backward()`` on its own copy of a replicated loss, so the ``P`` copies
+together seed exactly one unit of gradient. Input gradients then come out as the shards of the
+global ones, and parameter gradients as partial sums whose sum over the group is the global
+gradient (DESIGN.md §1).
+
+With ``group_name == ""`` (P = 1) every op here is the identity.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _group(name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
+
+
+def _size(name: str) -> int:
+    return 1 if not name else dist.get_world_size(_group(name))
+
+
+def _rank(name: str) -> int:
+    return 0 if not name else dist.get_rank(_group(name))
+
+
+# ------------------------------------------------------------------ all-reduce (adjoint: itself)
+@torch.library.custom_op("spcompile::allreduce", mutates_args=())
+def allreduce(x: Tensor, op: str, group_name: str) -> Tensor:
+    """Sum or max over the group; the backward of 'sum' is a sum of the gradients."""
+    out = x.clone()
+    if group_name:
+        from . import _trace
+        _trace.count("allreduce", out.numel() * out.element_size(), out.numel() *
+                     out.element_size())
+        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                        group=_group(group_name))
+    return out
+
+
+@allreduce.register_fake
+def _(x, op, group_name):
+    return torch.empty_like(x)
+
+
+def _allreduce_setup(ctx, inputs, output):
+    x, op, group_name = inputs
+    ctx.op, ctx.group_name = op, group_name
+    if op == "max":
+        ctx.save_for_backward(x, output)
+
+
+def _allreduce_bwd(ctx, g):
+    if ctx.op == "sum":
+        return allreduce(g.contiguous(), "sum", ctx.group_name), None, None
+    x, out = ctx.saved_tensors
+    # the max goes back only to the elements that hold it (each rank's own copy, summed over
+    # ranks by the adjoint of the replicated value)
+    hit = (x == out).to(g.dtype)
+    count = allreduce(hit, "sum", ctx.group_name).clamp_min(1.0)
+    gsum = allreduce(g.contiguous(), "sum", ctx.group_name)
+    return gsum * hit / count, None, None
+
+
+allreduce.register_autograd(_allreduce_bwd, setup_context=_allreduce_setup)
+
+
+# ------------------------------------------------------------------ gather / slice
+@torch.library.custom_op("spcompile::gather_seq", mutates_args=())
+def gather_seq(x: Tensor, dim: int, group_name: str) -> Tensor:
+    """All-gather along ``dim`` (contiguous shards in rank order); adjoint: reduce-scatter."""
+    if not group_name:
+        return x.clone()
+    P = _size(group_name)
+    xm = x.movedim(dim, 0).contiguous()
+    out = xm.new_empty((P * xm.shape[0],) + tuple(xm.shape[1:]))
+    from . import _trace
+    nbytes = xm.numel() * xm.element_size()
+    _trace.count("gather", nbytes * (P - 1), nbytes * (P - 1))
+    dist.all_gather_into_tensor(out, xm, group=_group(group_name))
+    return out.movedim(0, dim).contiguous()
+
+
+@gather_seq.register_fake
+def _(x, dim, group_name):
+    P = _size(group_name)
+    shape = list(x.shape)
+    shape[dim] *= P
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("spcompile::reduce_scatter_seq", mutates_args=())
+def reduce_scatter_seq(x: Tensor, dim: int, group_name: str) -> Tensor:
+    if not group_name:
+        return x.clone()
+    P = _size(group_name)
+    xm = x.movedim(dim, 0).contiguous()
+    out = xm.new_empty((xm.shape[0] // P,) + tuple(xm.shape[1:]))
+    from . import _trace
+    nbytes = out.numel() * out.element_size()
+    _trace.count("reduce_scatter", nbytes * (P - 1), nbytes * (P - 1))
+    dist.reduce_scatter_tensor(out, xm, group=_group(group_name))
+    return out.movedim(0, dim).contiguous()
+
+
+@reduce_scatter_seq.register_fake
+def _(x, dim, group_name):
+    P = _size(group_name)
+    shape = list(x.shape)
+    shape[dim] //= P
+    return x.new_empty(shape)
+
+
+gather_seq.register_autograd(
+    lambda ctx, g: (reduce_scatter_seq(g.contiguous(), ctx.dim, ctx.group_name), None, None),
+    setup_context=lambda ctx, inputs, output: setattr(ctx, "dim", inputs[1]) or setattr(
+        ctx, "group_name", inputs[2]))
+reduce_scatter_seq.register_autograd(
+    lambda ctx, g: (gather_seq(g.contiguous(), ctx.dim, ctx.group_name), None, None),
+    setup_context=lambda ctx, inputs, output: setattr(ctx, "dim", inputs[1]) or setattr(
+        ctx, "group_name", inputs[2]))
+
+
+def shard_slice(x: Tensor, dim: int, group_name: str) -> Tensor:
+    """This rank's contiguous slice along ``dim`` (adjoint: zero-padding, by autograd)."""
+    if not group_name:
+        return x
+    P, r = _size(group_name), _rank(group_name)
+    n = x.shape[dim]
+    if n % P:
+        raise ValueError(f"spcompile: cannot shard a length-{n} dim over {P} ranks")
+    return x.narrow(dim, r * (n // P), n // P)
+
+
+# ------------------------------------------------------------------ gradient scaling
+@torch.library.custom_op("spcompile::replicated_output", mutates_args=())
+def replicated_output(x: Tensor, world_size: int) -> Tensor:
+    """Identity; the backward divides by ``world_size`` (see the module docstring)."""
+    return x.clone()
+
+
+@replicated_output.register_fake
+def _(x, world_size):
+    return torch.empty_like(x)
+
+
+replicated_output.register_autograd(
+    lambda ctx, g: (g / ctx.world_size, None),
+    setup_context=lambda ctx, inputs, output: setattr(ctx, "world_size", inputs[1]))
+
+
+# ------------------------------------------------------------------ prefix sums across ranks
+def exclusive_prefix_sum(total: Tensor, group_name: str) -> Tensor:
+    """Σ_{j<r} total_j (zeros on rank 0); exact backward through the adjoint all-gather."""
+    if not group_name:
+        return torch.zeros_like(total)
+    P, r = _size(group_name), _rank(group_name)
+    allt = gather_seq(total.unsqueeze(0).contiguous(), 0, group_name)  # [P, ...]
+    mask = (torch.arange(P, device=total.device) < r).to(total.dtype)
+    return (allt * mask.view(P, *([1] * total.dim()))).sum(0)
+
+
+def sequence_cumsum(x: Tensor, dim: int, group_name: str) -> Tensor:
+    """cumsum along a sharded axis: local cumsum + the totals of the earlier ranks."""
+    local = torch.cumsum(x, dim)
+    if not group_name:
+        return local
+    carry = exclusive_prefix_sum(x.sum(dim), group_name)
+    return local + carry.unsqueeze(dim)
+
+
+def sequence_offset(group_name: str, local_len: int) -> int:
+    """Global index of this rank's first token."""
+    return _rank(group_name) * local_len
+
+
+def global_positions(positions: Tensor, local_len: int, group_name: str) -> Tensor:
+    """Local positions ``0..T_loc-1`` (or any offsets) → global positions of this rank."""
+    if not group_name:
+        return positions
+    return positions + _rank(group_name) * local_len
+
+
+# ------------------------------------------------------------------ the scan call
+def scan(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], scale: float,
+         chunk_size: int, strategy: str, group_name: str) -> Tensor:
+    """The rewrite's target for a linear-attention/SSM match: local kernel at P = 1,
+    sequence-parallel scan with the planned hand-off otherwise. Returns o only."""
+    if not group_name:
+        from .kernels import linear_scan
+        return linear_scan(q, k, v, log_decay, scale=scale, chunk_size=chunk_size)[0]
+    from .collectives import sp_linear_scan
+    return sp_linear_scan(q, k, v, log_decay, scale=scale, chunk_size=chunk_size,
+                          strategy=strategy, group=group_name)[0]

@@ -1,0 +1,246 @@
+"""Pass 1 — canonicalize: many spellings, one vocabulary.
+
+* every matrix product (``@``, ``torch.matmul``, ``bmm``, ``Tensor.matmul``, two-operand
+  ``einsum`` contractions, multi-operand ``einsum`` chains split pairwise) → ``torch.matmul``,
+  with ``torch.permute``/``reshape`` around it where the einsum's letters ask for it;
+* every transpose spelling (``.mT``, ``.T``, ``transpose(-1, -2)``/``(-2, -1)``, ``swapaxes``,
+  ``.t()``) → ``torch.permute`` with a full permutation;
+* tensor methods with a same-named ``torch`` function (``x.tril()``, ``x.exp()``,
+  ``x.cumsum(1)``, ``x.masked_fill(m, 0)``, ...) → the function.
+
+Later passes then match one form. Masks are not rewritten here: detection checks them by value.
+"""
+from __future__ import annotations
+
+import operator
+import string
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import canonical_name, set_meta, shape, val
+from .pipeline import Ctx, register_pass
+
+_METHODS_TO_FUNCTIONS = {
+    "tril", "triu", "exp", "log", "cumsum", "cumprod", "masked_fill", "sum", "mean", "softmax",
+    "log_softmax", "sigmoid", "tanh", "relu", "abs", "sqrt", "rsqrt", "square", "reciprocal",
+    "clamp", "clamp_min", "clamp_max", "amax", "amin", "logsumexp", "where", "unsqueeze",
+    "squeeze", "flip", "cummax", "cummin", "diff", "roll", "sort", "argsort", "topk", "var",
+    "std", "norm", "exp2", "log1p", "expm1", "neg", "sin", "cos", "erf", "logcumsumexp",
+}
+
+
+def _replace(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> None:
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+
+
+def _new(gm: fx.GraphModule, before: fx.Node, target: Any, args: tuple, kwargs=None,
+         op: str = "call_function") -> fx.Node:
+    with gm.graph.inserting_before(before):
+        n = gm.graph.create_node(op, target, args, kwargs or {})
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in before.meta:
+            n.meta[key] = before.meta[key]
+    set_meta(n)
+    return n
+
+
+def _permute(gm, before, x: fx.Node, perm: Sequence[int]) -> fx.Node:
+    if list(perm) == list(range(len(perm))):
+        return x
+    return _new(gm, before, torch.permute, (x, tuple(perm)))
+
+
+def _reshape(gm, before, x: fx.Node, new_shape: Sequence[int]) -> fx.Node:
+    if tuple(shape(x)) == tuple(new_shape):
+        return x
+    return _new(gm, before, torch.reshape, (x, tuple(new_shape)))
+
+
+# ---------------------------------------------------------------- einsum → matmul
+def _parse_einsum(eq: str, ndims: Sequence[int]) -> Optional[Tuple[List[str], str]]:
+    """Expand '...' into fresh upper-case letters; returns (input subscripts, output)."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq:
+        return None  # implicit output: let it be
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ndims):
+        return None
+    ell_n = 0
+    for s, nd in zip(ins, ndims):
+        if "..." in s:
+            ell_n = max(ell_n, nd - (len(s) - 3))
+    fresh = [c for c in string.ascii_uppercase][:ell_n]
+    res = []
+    for s, nd in zip(ins, ndims):
+        if "..." in s:
+            k = nd - (len(s) - 3)
+            s = s.replace("...", "".join(fresh[ell_n - k:]))
+        res.append(s)
+    out = out.replace("...", "".join(fresh))
+    return res, out
+
+
+def _lower_einsum2(gm, node: fx.Node, a: fx.Node, b: fx.Node, sa: str, sb: str, so: str
+                   ) -> Optional[fx.Node]:
+    """One two-operand einsum as permute → reshape → matmul → reshape → permute."""
+    if len(set(sa)) != len(sa) or len(set(sb)) != len(sb):
+        return None  # diagonals: not a product
+    sha, shb = shape(a), shape(b)
+    if sha is None or shb is None:
+        return None
+    size = {}
+    for s, sh in ((sa, sha), (sb, shb)):
+        for c, d in zip(s, sh):
+            if c in size and size[c] != d and 1 not in (size[c], d):
+                return None
+            size[c] = max(size.get(c, 1), d)
+    for c in sa + sb:
+        if c not in so and not (c in sa and c in sb):
+            return None  # a letter summed inside one operand: not a plain product
+    batch = [c for c in so if c in sa and c in sb]
+    left = [c for c in so if c in sa and c not in sb]
+    right = [c for c in so if c in sb and c not in sa]
+    contr = [c for c in sa if c in sb and c not in so]
+    if set(so) != set(batch + left + right):
+        return None
+    # operands with batch letters missing are broadcast by matmul only if they are leading;
+    # keep it simple: every batch letter must be present in both.
+    pa = _permute(gm, node, a, [sa.index(c) for c in batch + left + contr])
+    pb = _permute(gm, node, b, [sb.index(c) for c in batch + contr + right])
+    bsh_a = [sha[sa.index(c)] for c in batch]
+    bsh_b = [shb[sb.index(c)] for c in batch]
+    L = 1
+    for c in left:
+        L *= size[c]
+    R = 1
+    for c in right:
+        R *= size[c]
+    K = 1
+    for c in contr:
+        K *= size[c]
+    ra = _reshape(gm, node, pa, bsh_a + [L, K])
+    rb = _reshape(gm, node, pb, bsh_b + [K, R])
+    mm = _new(gm, node, torch.matmul, (ra, rb))
+    out_order = batch + left + right
+    res = _reshape(gm, node, mm, [shape(mm)[i] for i in range(len(batch))]
+                   + [size[c] for c in left + right])
+    return _permute(gm, node, res, [out_order.index(c) for c in so])
+
+
+def _lower_einsum(gm: fx.GraphModule, node: fx.Node) -> bool:
+    eq = node.args[0]
+    ops = list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or len(ops) < 2 or not all(isinstance(o, fx.Node) for o in ops):
+        return False
+    shapes = [shape(o) for o in ops]
+    if any(s is None for s in shapes):
+        return False
+    parsed = _parse_einsum(eq, [len(s) for s in shapes])
+    if parsed is None:
+        return False
+    subs, out = parsed
+    # Split a chain left to right: keep the letters that later operands or the output need.
+    cur, cur_s = ops[0], subs[0]
+    for i in range(1, len(ops)):
+        later = set(out).union(*[set(s) for s in subs[i + 1:]]) if i + 1 < len(subs) else set(out)
+        nxt = subs[i]
+        keep = [c for c in dict.fromkeys(cur_s + nxt) if c in later]
+        if i == len(ops) - 1:
+            keep = list(out)
+        step_out = "".join(keep)
+        elementwise = set(step_out) == set(cur_s) | set(nxt)
+        if elementwise:
+            # no contraction: a broadcasting multiply after aligning letters
+            res = _align_mul(gm, node, cur, cur_s, ops[i], nxt, step_out)
+        else:
+            res = _lower_einsum2(gm, node, cur, ops[i], cur_s, nxt, step_out)
+        if res is None:
+            return False
+        cur, cur_s = res, step_out
+    node.replace_all_uses_with(cur)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _align(gm, node, x: fx.Node, s: str, target: str) -> fx.Node:
+    """Permute/unsqueeze ``x`` (letters ``s``) to broadcast against letters ``target``."""
+    present = [c for c in target if c in s]
+    x = _permute(gm, node, x, [s.index(c) for c in present])
+    full = [shape(x)[present.index(c)] if c in present else 1 for c in target]
+    return _reshape(gm, node, x, full)
+
+
+def _align_mul(gm, node, a, sa, b, sb, so) -> Optional[fx.Node]:
+    if len(set(sa)) != len(sa) or len(set(sb)) != len(sb):
+        return None
+    xa = _align(gm, node, a, sa, so)
+    xb = _align(gm, node, b, sb, so)
+    return _new(gm, node, operator.mul, (xa, xb))
+
+
+# ---------------------------------------------------------------- transposes
+def _transpose_perm(nd: int, d0: int, d1: int) -> List[int]:
+    perm = list(range(nd))
+    d0, d1 = d0 % nd, d1 % nd
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return perm
+
+
+def _canon_transpose(gm: fx.GraphModule, node: fx.Node) -> bool:
+    name = canonical_name(node)
+    x = node.args[0]
+    sh = shape(x) if isinstance(x, fx.Node) else None
+    if sh is None:
+        return False
+    nd = len(sh)
+    if name in ("mT",) or (name == "T" and nd == 2) or (name == "t" and nd == 2):
+        perm = _transpose_perm(nd, -1, -2)
+    elif name == "transpose" or (node.op == "call_function" and node.target in (
+            torch.transpose, torch.swapaxes, torch.swapdims)):
+        d0, d1 = node.args[1], node.args[2]
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return False
+        perm = _transpose_perm(nd, d0, d1)
+    elif name == "permute" and node.op == "call_method":
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        perm = [d % nd for d in dims]
+    else:
+        return False
+    new = _permute(gm, node, x, perm)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return True
+
+
+@register_pass("canonicalize")
+def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    """Spellings → one vocabulary (matmul, permute, torch functions)."""
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = canonical_name(node)
+        if name == "einsum":
+            _lower_einsum(gm, node)
+        elif name == "matmul" and not (node.op == "call_function" and
+                                       node.target is torch.matmul):
+            new = _new(gm, node, torch.matmul, tuple(node.args[:2]))
+            _replace(gm, node, new)
+        elif name in ("mT", "T", "t", "transpose", "permute") or (
+                node.op == "call_function" and node.target in (torch.transpose, torch.swapaxes,
+                                                               torch.swapdims)):
+            _canon_transpose(gm, node)
+        elif node.op == "call_method" and name in _METHODS_TO_FUNCTIONS and \
+                hasattr(torch, name) and isinstance(node.args[0], fx.Node):
+            new = _new(gm, node, getattr(torch, name), tuple(node.args), dict(node.kwargs))
+            _replace(gm, node, new)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

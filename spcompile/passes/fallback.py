@@ -1,0 +1,208 @@
+"""Pass 6 — fallback: nothing is ever silently wrong.
+
+After the rewrite, placements are recomputed. Then, in graph order:
+
+* a ``Partial`` value (a contraction over the sequence, e.g. ``kᵀ v`` of non-causal linear
+  attention) is all-reduced where it is produced;
+* an op that still mixes tokens along the sharded axis is computed on the gathered sequence and
+  its result re-sharded (or kept replicated when it has no sequence axis), with one warning naming
+  the op and the user's source line; with ``strict=True`` it is an error saying the same;
+* every replicated floating output is wrapped in ``replicated_output`` (backward ÷ P; see
+  ``spcompile.ops``).
+
+At P = 1 nothing here changes the graph.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.fx as fx
+
+from .. import ops as spops
+from .graph_utils import canonical_name, run_node_on_values, set_meta, shape, tensor_val, val
+from .pipeline import Ctx, register_pass, source_line
+from .sequence_axis import Mixing, Pair, Partial, Replicate, Shard, analyze
+
+
+class SequenceParallelError(RuntimeError):
+    """A program spcompile cannot make sequence parallel (or, with strict=True, only by
+    gathering). The message names the op, the user's line and what to do."""
+
+
+@dataclass
+class Fallback:
+    node: str
+    op: str
+    reason: str
+    source: Optional[str]
+    action: str
+
+    def __str__(self) -> str:
+        return f"{self.op} ({self.reason}) at {self.source or '?'}: {self.action}"
+
+
+def _first_mixing(gm: fx.GraphModule, pl) -> Optional[fx.Node]:
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        p = pl.get(node)
+        if isinstance(p, Partial) and any(not isinstance(pl.get(u), Partial) or u.op == "output"
+                                          for u in node.users):
+            return node
+        if isinstance(p, Mixing) and not any(isinstance(pl.get(a), Mixing)
+                                             for a in node.all_input_nodes):
+            return node
+    return None
+
+
+def _allreduce_partial(gm: fx.GraphModule, ctx: Ctx, node: fx.Node) -> None:
+    with gm.graph.inserting_after(node), ctx.provenance(gm, None, node):
+        red = gm.graph.call_function(spops.allreduce, (node, "sum", ctx.group_name))
+    set_meta(red)
+    red.meta["spcompile_placement"] = Replicate()
+    node.replace_all_uses_with(red, delete_user_cb=lambda u: u is not red)
+    ctx.notes.append(f"{canonical_name(node)} sums over the sequence: all-reduced "
+                     f"({source_line(node) or node.name})")
+
+
+def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> None:
+    pl = ctx.placements
+    op = canonical_name(node) or str(node.target)
+    src = source_line(node)
+    where = f"{op} at {src or node.name}"
+    if ctx.options.strict:
+        raise SequenceParallelError(
+            f"spcompile (strict): {where} mixes tokens along the sharded sequence axis "
+            f"({reason}) and no pattern covers it. Rewrite it with a supported form, declare it "
+            f"with an spcompile annotation, or drop strict=True to gather the sequence around it.")
+    for a in node.all_input_nodes:
+        p = pl.get(a)
+        if isinstance(p, Shard) and p.merged:
+            raise SequenceParallelError(
+                f"spcompile: {where} mixes tokens of a value whose sequence axis was merged with "
+                f"another dim (e.g. [B*T, ...]); apply it before flattening, or keep the sequence "
+                f"dim separate.")
+        if isinstance(p, Pair):
+            raise SequenceParallelError(
+                f"spcompile: {where} uses a T×T value ({reason}) that no pattern covers; "
+                f"spcompile cannot rebuild it for the global sequence. Use a supported attention "
+                f"form or declare the layer with @spcompile.linear_attention.")
+    gathered = {}
+    with gm.graph.inserting_before(node), ctx.provenance(gm, None, node):
+        for a in node.all_input_nodes:
+            p = pl.get(a)
+            if isinstance(p, Shard):
+                gnode = gm.graph.call_function(spops.gather_seq, (a, p.dim, ctx.group_name))
+                set_meta(gnode)
+                gnode.meta["spcompile_placement"] = Replicate()
+                gathered[a] = gnode
+    node.args = fx.node.map_arg(node.args, lambda a: gathered.get(a, a))
+    node.kwargs = fx.node.map_arg(node.kwargs, lambda a: gathered.get(a, a))
+    local_val = val(node)
+    try:
+        global_val = run_node_on_values(node)
+    except Exception as e:
+        raise SequenceParallelError(
+            f"spcompile: {where} mixes tokens along the sequence ({reason}); gathering the "
+            f"sequence around it failed ({type(e).__name__}: {e}). It probably uses sizes of the "
+            f"local shard. Compute it from shapes at run time or declare the layer with an "
+            f"spcompile annotation.") from None
+    node.meta["example_value"] = global_val
+    outs = list(global_val) if isinstance(global_val, (tuple, list)) else [global_val]
+    locs = list(local_val) if isinstance(local_val, (tuple, list)) else [local_val]
+    dims = [_sharded_dim(g, l, ctx.world_size) for g, l in zip(outs, locs)]
+    action = "gathered; result " + ", ".join("replicated" if d is None else f"re-sharded on dim {d}"
+                                              for d in dims)
+    if isinstance(global_val, (tuple, list)):
+        for user in list(node.users):
+            if canonical_name(user) == "getitem" and isinstance(user.args[1], int):
+                d = dims[user.args[1]]
+                user.meta["example_value"] = outs[user.args[1]]
+                if d is not None:
+                    _reshard_after(gm, ctx, user, d)
+    elif dims[0] is not None:
+        _reshard_after(gm, ctx, node, dims[0])
+    ctx.fallbacks.append(Fallback(node.name, op, reason, src, action))
+    warnings.warn(f"spcompile: {where} mixes tokens along the sharded sequence axis ({reason}) "
+                  f"and no pattern covers it: computing it on the gathered sequence (correct, "
+                  f"but it moves the whole sequence). Use strict=True to make this an error.",
+                  stacklevel=2)
+
+
+def _sharded_dim(global_val: Any, local_val: Any, P: int) -> Optional[int]:
+    if not isinstance(global_val, torch.Tensor) or not isinstance(local_val, torch.Tensor):
+        return None
+    if global_val.dim() != local_val.dim():
+        return None
+    cands = [d for d in range(global_val.dim())
+             if global_val.shape[d] == P * local_val.shape[d] != local_val.shape[d]]
+    if not cands:
+        return None
+    return cands[0]
+
+
+def _reshard_after(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, dim: int) -> None:
+    with gm.graph.inserting_after(node), ctx.provenance(gm, None, node):
+        sl = gm.graph.call_function(spops.shard_slice, (node, dim, ctx.group_name))
+    set_meta(sl)
+    sl.meta["spcompile_placement"] = Shard(dim)
+    node.replace_all_uses_with(sl, delete_user_cb=lambda u: u is not sl)
+
+
+def _wrap_replicated_outputs(gm: fx.GraphModule, ctx: Ctx) -> None:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    pl = ctx.placements
+
+    def wrap(a):
+        if not isinstance(a, fx.Node):
+            return a
+        v = tensor_val(a)
+        if v is None or not v.dtype.is_floating_point or not isinstance(pl.get(a, Replicate()),
+                                                                         Replicate):
+            return a
+        if not any(not isinstance(pl.get(x), Replicate) for x in _ancestors_with(a)) and \
+                not _has_param(a):
+            return a
+        with gm.graph.inserting_before(out):
+            w = gm.graph.call_function(spops.replicated_output, (a, ctx.world_size))
+        set_meta(w)
+        return w
+
+    out.args = fx.node.map_aggregate(out.args, wrap)
+
+
+def _ancestors_with(node: fx.Node):
+    from .graph_utils import ancestors
+    return ancestors(node) | {node}
+
+
+def _has_param(node: fx.Node) -> bool:
+    from .graph_utils import ancestors
+    return any(n.op == "placeholder" and getattr(val(n), "requires_grad", False)
+               for n in ancestors(node))
+
+
+@register_pass("fallback")
+def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    """All-reduce partial sums; gather around uncovered token mixing (warn) or refuse (strict)."""
+    if ctx.world_size == 1:
+        return gm
+    for _ in range(1000):
+        pl = analyze(gm, ctx)
+        node = _first_mixing(gm, pl)
+        if node is None:
+            break
+        p = pl[node]
+        if isinstance(p, Partial):
+            _allreduce_partial(gm, ctx, node)
+        else:
+            _gather_around(gm, ctx, node, p.reason)
+    gm.graph.lint()
+    pl = analyze(gm, ctx)
+    _wrap_replicated_outputs(gm, ctx)
+    gm.recompile()
+    return gm

@@ -1,0 +1,221 @@
+"""Small helpers shared by the passes: op identity, example values, concrete evaluation."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Iterable, List, Optional, Set
+
+import torch
+import torch.fx as fx
+
+Target = Any
+
+
+def val(node: Any) -> Any:
+    """The example value a node carries (``meta['example_value']`` or ``meta['val']``)."""
+    if not isinstance(node, fx.Node):
+        return node
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v
+
+
+def tensor_val(node: Any) -> Optional[torch.Tensor]:
+    v = val(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def shape(node: Any) -> Optional[tuple]:
+    v = tensor_val(node)
+    return None if v is None else tuple(int(s) for s in v.shape)
+
+
+def is_call(node: Any, *names: str) -> bool:
+    """Is ``node`` a call of one of the canonical op ``names`` (see :func:`canonical_name`)?"""
+    return isinstance(node, fx.Node) and canonical_name(node) in names
+
+
+_FN_NAMES: Dict[Any, str] = {
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
+    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    operator.neg: "neg", torch.neg: "neg", operator.invert: "invert",
+    operator.getitem: "getitem", operator.pow: "pow", torch.pow: "pow",
+    operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.le: "le",
+    operator.gt: "gt", operator.ge: "ge", operator.and_: "and", operator.or_: "or",
+    torch.einsum: "einsum", torch.functional.einsum: "einsum",
+    torch.nn.functional.linear: "linear", torch._C._nn.linear: "linear",
+    torch.nn.functional.scaled_dot_product_attention: "sdpa",
+    torch._C._nn.scaled_dot_product_attention: "sdpa",
+    torch.nn.functional.softmax: "softmax", torch.softmax: "softmax",
+    torch.nn.functional.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    torch.nn.functional.cross_entropy: "cross_entropy",
+    torch.nn.functional.embedding: "embedding", torch.embedding: "embedding",
+    torch.nn.functional.conv1d: "conv1d", torch.conv1d: "conv1d",
+    torch.nn.functional.pad: "pad", torch._C._nn.pad: "pad",
+    torch.nn.functional.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+    torch.nn.functional.rms_norm: "rms_norm",
+    torch.nn.functional.dropout: "dropout", torch.dropout: "dropout",
+    torch.nn.functional.silu: "silu", torch.nn.functional.gelu: "gelu",
+    torch._C._nn.gelu: "gelu", torch.nn.functional.relu: "relu", torch.relu: "relu",
+    torch.nn.functional.elu: "elu", torch.nn.functional.softplus: "softplus",
+    torch._C._nn.softplus: "softplus",
+    torch.nn.functional.sigmoid: "sigmoid", torch.sigmoid: "sigmoid",
+    torch.nn.functional.tanh: "tanh", torch.tanh: "tanh",
+    torch.nn.functional.normalize: "normalize",
+}
+if hasattr(torch._C._nn, "elu"):
+    _FN_NAMES[torch._C._nn.elu] = "elu"
+if hasattr(torch.nn.functional, "mish"):
+    _FN_NAMES[torch.nn.functional.mish] = "mish"
+
+_METHOD_ALIASES = {"mm": "matmul", "bmm": "matmul", "__matmul__": "matmul", "multiply": "mul",
+                   "divide": "div", "true_divide": "div", "subtract": "sub", "masked_fill_": None,
+                   "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
+                   "mT": "mT"}
+
+
+def canonical_name(node: fx.Node) -> Optional[str]:
+    """One name per op whatever its spelling: 'matmul', 'mul', 'tril', 'cumsum', ..."""
+    if node.op == "call_method":
+        name = node.target
+        return _METHOD_ALIASES.get(name, name) if name in _METHOD_ALIASES else name
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t in _FN_NAMES:
+        return _FN_NAMES[t]
+    if t is getattr and len(node.args) == 2 and isinstance(node.args[1], str):
+        return {"mT": "mT", "T": "T", "shape": "shape"}.get(node.args[1], "getattr")
+    name = getattr(t, "__name__", None)
+    mod = getattr(t, "__module__", "") or ""
+    if name and (mod.startswith("torch") or mod == "" or mod == "builtins"):
+        if isinstance(t, torch._ops.OpOverload) or isinstance(t, torch._ops.OpOverloadPacket):
+            return f"{t.namespace}::{t._opname}" if hasattr(t, "_opname") else str(t)
+        return name
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return f"{t.namespace}::{t._opname}"
+    return name
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def ancestors(node: fx.Node, stop: Optional[Set[fx.Node]] = None) -> Set[fx.Node]:
+    seen: Set[fx.Node] = set()
+    todo = [node]
+    stop = stop or set()
+    while todo:
+        n = todo.pop()
+        for inp in n.all_input_nodes:
+            if inp not in seen and inp not in stop:
+                seen.add(inp)
+                todo.append(inp)
+    return seen
+
+
+def evaluate(gm: fx.GraphModule, targets: Iterable[fx.Node], example_inputs: List[Any],
+             cache: Optional[Dict[fx.Node, Any]] = None) -> List[Any]:
+    """Concrete values of ``targets`` on the example inputs (runs only their ancestors)."""
+    targets = list(targets)
+    cache = {} if cache is None else cache
+    needed: Set[fx.Node] = set(targets)
+    for t in targets:
+        needed |= ancestors(t)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    env: Dict[fx.Node, Any] = {}
+    for n, x in zip(placeholders, example_inputs):
+        env[n] = x
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n not in needed or n.op in ("placeholder", "output"):
+                continue
+            if n in cache:
+                env[n] = cache[n]
+                continue
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            if n.op == "call_function":
+                env[n] = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+            elif n.op == "get_attr":
+                obj: Any = gm
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                env[n] = obj
+            elif n.op == "call_module":
+                env[n] = gm.get_submodule(n.target)(*args, **kwargs)
+            cache[n] = env[n]
+    return [env[t] for t in targets]
+
+
+def depends_on_inputs(node: fx.Node, data_inputs: Set[fx.Node]) -> bool:
+    return bool(ancestors(node) & data_inputs) or node in data_inputs
+
+
+def add_constant(gm: fx.GraphModule, prefix: str, value: torch.Tensor) -> str:
+    i = 0
+    while hasattr(gm, f"{prefix}{i}"):
+        i += 1
+    name = f"{prefix}{i}"
+    gm.register_buffer(name, value)
+    return name
+
+
+def _fake_mode_of(values: List[Any]):
+    from torch._subclasses.fake_tensor import FakeTensor
+    for v in values:
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def run_node_on_values(node: fx.Node, env_val=val) -> Any:
+    """Compute a node's output from its inputs' example values (fake or real)."""
+    args = fx.node.map_arg(node.args, env_val)
+    kwargs = fx.node.map_arg(node.kwargs, env_val)
+    flat = [a for a in fx.node.map_aggregate((args, kwargs), lambda x: x)
+            if isinstance(a, torch.Tensor)]
+    leaves: List[Any] = []
+    fx.node.map_aggregate((args, kwargs), lambda x: leaves.append(x) or x)
+    mode = _fake_mode_of([x for x in leaves if isinstance(x, torch.Tensor)])
+    del flat
+
+    def call():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            obj: Any = node.graph.owning_module
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        raise NotImplementedError(node.op)
+
+    if node.op == "get_attr":
+        out = call()
+        if mode is not None and isinstance(out, torch.Tensor):
+            return mode.from_tensor(out)
+        return out
+    if mode is not None:
+        # Real constants (e.g. get_attr buffers) must become fake in this mode.
+        def fk(x):
+            if isinstance(x, torch.Tensor) and not isinstance(x, torch._subclasses.FakeTensor):
+                return mode.from_tensor(x)
+            return x
+        args = fx.node.map_aggregate(args, fk)
+        kwargs = fx.node.map_aggregate(kwargs, fk)
+        with mode:
+            return call()
+    with torch.no_grad():
+        return call()
+
+
+def set_meta(node: fx.Node) -> Any:
+    """Fill ``meta['example_value']`` of a node a pass created."""
+    out = run_node_on_values(node)
+    node.meta["example_value"] = out
+    return out

@@ -1,0 +1,638 @@
+"""Pass 2 — sequence_axis: which dimension of each value is the (sharded) sequence axis.
+
+Placements (one per node, in ``ctx.placements``):
+
+* ``Replicate()`` — the same on every rank (parameters, constants, global reductions);
+* ``Shard(dim)`` — this rank holds its contiguous slice of the sequence along ``dim``
+  (``merged=True`` when the sequence was flattened into a larger dim, e.g. ``[B*T, V]`` logits:
+  fine for token-local ops and reductions, not a contiguous slice);
+* ``Partial()`` — a sum over the sequence of which this rank holds its part (``kᵀ v``);
+* ``Pair(d0, d1)`` — a ``T×T`` value (attention scores, masks) of which a rank sees its diagonal
+  block: only a detected pattern may consume it;
+* ``Mixing(reason)`` — an op mixes tokens along the sharded axis and no rule covers it: a
+  pattern must match it, or the fallback gathers around it.
+
+Inputs: a user input is ``Shard(seq_dim)`` (option ``seq_dim``, per-input ``input_seq_dims``
+or ``spcompile.mark_sequence``) when it has that dim; parameters and buffers are ``Replicate``.
+The rules below are the ``RULES`` table: op name → function(node, placements) → Placement.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import arg, canonical_name, shape, tensor_val, val
+from .pipeline import Ctx, register_pass, source_line
+
+
+@dataclass(frozen=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int
+    merged: bool = False
+
+    def __str__(self) -> str:
+        return f"S({self.dim}{',merged' if self.merged else ''})"
+
+
+@dataclass(frozen=True)
+class Partial:
+    def __str__(self) -> str:
+        return "P(sum)"
+
+
+@dataclass(frozen=True)
+class Pair:
+    d0: int
+    d1: int
+
+    def __str__(self) -> str:
+        return f"Pair({self.d0},{self.d1})"
+
+
+@dataclass(frozen=True)
+class Mixing:
+    reason: str
+    dim: Optional[int] = None
+
+    def __str__(self) -> str:
+        return f"Mixing({self.reason})"
+
+
+R = Replicate()
+Placement = Any
+
+# ------------------------------------------------------------------ op tables
+ELEMENTWISE = {
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sigmoid", "tanh", "relu", "silu",
+    "gelu", "elu", "softplus", "mish", "abs", "sqrt", "rsqrt", "square", "reciprocal", "clamp",
+    "clamp_min", "clamp_max", "exp2", "log1p", "expm1", "sin", "cos", "erf", "where",
+    "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "invert", "float", "half",
+    "bfloat16", "double", "to", "type_as", "contiguous", "clone", "detach", "dropout",
+    "logical_not", "logical_and", "logical_or", "bitwise_not", "maximum", "minimum", "sign",
+    "floor", "ceil", "round", "floordiv", "mod", "truediv", "rsub", "leaky_relu", "hardswish",
+    "hardsigmoid", "relu6", "selu", "celu", "glu_", "lerp", "addcmul", "addcdiv", "mul_", "add_",
+    "div_", "sub_", "exp_", "float_power", "fmod", "remainder", "atan", "asin", "acos", "sinh",
+    "cosh", "logsigmoid", "softsign", "type", "alias", "requires_grad_", "sigmoid_", "tanh_",
+    "int", "long", "bool", "nan_to_num", "isnan", "isinf", "isfinite", "silu_", "relu_",
+    "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
+}
+CREATION = {"ones", "zeros", "full", "empty", "arange", "tensor", "eye", "rand", "randn",
+            "randint", "linspace", "as_tensor", "tril_indices", "triu_indices", "ones_like_",
+            "new_ones", "new_zeros", "new_full", "new_empty", "new_tensor", "scalar_tensor"}
+REDUCTIONS = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min", "max": "max",
+              "min": "min", "logsumexp": "logsumexp", "var": "var", "std": "std",
+              "norm": "norm", "prod": "prod", "all": "all", "any": "any",
+              "count_nonzero": "sum"}
+
+
+def _nd(node: Any) -> int:
+    s = shape(node)
+    return -1 if s is None else len(s)
+
+
+def _norm(d: int, nd: int) -> int:
+    return d % nd if nd > 0 else d
+
+
+class Analyzer:
+    """Forward propagation of placements over the graph, in topological order."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: Ctx) -> None:
+        self.gm, self.ctx = gm, ctx
+        self.pl: Dict[fx.Node, Placement] = {}
+        self.mixing: Dict[fx.Node, str] = {}  # ops that mix tokens: a pattern or the fallback
+
+    def get(self, a: Any) -> Placement:
+        if isinstance(a, fx.Node):
+            return self.pl.get(a, R)
+        if isinstance(a, (list, tuple)):
+            ps = [self.get(x) for x in a]
+            return next((p for p in ps if not isinstance(p, Replicate)), R)
+        return R
+
+    # -------------------------------------------------------- inputs
+    def input_placement(self, index: int, node: fx.Node, example: Any) -> Placement:
+        opts = self.ctx.options
+        if not isinstance(example, torch.Tensor):
+            return R
+        if isinstance(example, torch.nn.Parameter) or _is_param_or_buffer(node):
+            return R
+        seq_dims = getattr(opts, "input_seq_dims", {}) or {}
+        marked = getattr(example, "_spcompile_seq_dim", "unset")
+        user_name = _user_name(node)
+        if index in seq_dims:
+            dim = seq_dims[index]
+        elif user_name in seq_dims:
+            dim = seq_dims[user_name]
+        elif marked != "unset":
+            dim = marked
+        else:
+            dim = opts.seq_dim
+        if dim is None or example.dim() == 0:
+            return R
+        if example.dim() <= (dim if dim >= 0 else -dim - 1):
+            return R
+        d = dim % example.dim()
+        T = int(example.shape[d])
+        if self.ctx.seq_len is None:
+            self.ctx.seq_len = T
+        elif self.ctx.seq_len != T:
+            self.ctx.notes.append(
+                f"input {user_name or node.name} has length {T} on dim {d}, not the sequence "
+                f"length {self.ctx.seq_len}: treated as not sequence-shaped (mark it with "
+                f"spcompile.mark_sequence or input_seq_dims if that is wrong)")
+            return R
+        return Shard(d)
+
+    # -------------------------------------------------------- main loop
+    def run(self) -> Dict[fx.Node, Placement]:
+        self.ctx.mixing = self.mixing
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        examples = list(self.ctx.example_inputs)
+        for i, n in enumerate(placeholders):
+            ex = examples[i] if i < len(examples) else val(n)
+            self.pl[n] = self.input_placement(i, n, ex)
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            try:
+                p = self.rule(node)
+            except Exception as e:  # a rule that cannot decide must not pass silently
+                if any(not isinstance(self.get(a), Replicate) for a in node.all_input_nodes):
+                    p = Mixing(f"could not analyse {canonical_name(node)}: {e}")
+                else:
+                    p = R
+            if isinstance(p, Mixing) and not any(isinstance(self.get(a), Mixing)
+                                                 for a in node.all_input_nodes):
+                # the op itself mixes tokens: record it, and give its value the placement it
+                # has once computed over the whole sequence, so analysis goes on past it
+                self.mixing[node] = p.reason
+                ideal = self.ideal(node, p)
+                if ideal is not None:
+                    p = ideal
+            self.pl[node] = p
+        return self.pl
+
+    def ideal(self, node: fx.Node, p: "Mixing") -> Optional[Placement]:
+        """Placement of a mixing op's value when computed on the global sequence."""
+        out = shape(node)
+        if out is None:
+            return Replicate() if p.dim is None else None
+        if p.dim == "replicate":
+            return R
+        if isinstance(p.dim, int):
+            return Shard(p.dim % max(len(out), 1))
+        for a in node.all_input_nodes:  # same shape as a sharded input: same sequence dim
+            q = self.get(a)
+            if isinstance(q, Shard) and shape(a) == out:
+                return Shard(q.dim)
+        for a in node.all_input_nodes:
+            q = self.get(a)
+            if isinstance(q, Shard) and shape(a) is not None and q.dim < len(out) and \
+                    out[q.dim] == shape(a)[q.dim]:
+                return Shard(q.dim)
+        return None
+
+    def rule(self, node: fx.Node) -> Placement:
+        meta = node.meta.get("spcompile_placement")
+        if meta is not None:  # ops a rewrite created know their own placement
+            return meta
+        ins = node.all_input_nodes
+        ps = [self.get(a) for a in ins]
+        if all(isinstance(p, Replicate) for p in ps):
+            return R
+        name = canonical_name(node) or ""
+        if any(isinstance(p, Mixing) for p in ps):
+            return Mixing("input is mixed", None)
+        if any(isinstance(p, Pair) for p in ps) and name not in ELEMENTWISE:
+            if name in ("matmul",):
+                return self.matmul(node)
+            if name == "sum" and isinstance(self.get(node.args[0]), Pair):
+                pp = self.get(node.args[0])
+                d = arg(node, 1, "dim")
+                d = d[0] if isinstance(d, (list, tuple)) and len(d) == 1 else d
+                if isinstance(d, int) and d % _nd(node.args[0]) == pp.d1:
+                    return Mixing("row sums of T×T scores", pp.d0)
+            return Mixing(f"{name} of a T×T value")
+        fn = RULES.get(name)
+        if fn is not None:
+            return fn(self, node)
+        if name in ELEMENTWISE:
+            return self.elementwise(node)
+        if name in REDUCTIONS:
+            return self.reduction(node, name)
+        return Mixing(f"no rule for {name} on a sharded value")
+
+    # -------------------------------------------------------- rules
+    def elementwise(self, node: fx.Node) -> Placement:
+        out_nd = _nd(node)
+        if out_nd < 0:
+            return Mixing("elementwise op without a tensor output")
+        res: Optional[Placement] = None
+        for a in node.all_input_nodes:
+            p = self.get(a)
+            nd = _nd(a)
+            if isinstance(p, Replicate):
+                continue
+            if isinstance(p, Partial):
+                name = canonical_name(node)
+                if name in ("mul", "div", "neg", "to", "float", "contiguous", "clone", "type_as",
+                            "detach", "half", "bfloat16", "double") and \
+                        all(isinstance(self.get(b), Replicate) for b in node.all_input_nodes
+                            if b is not a):
+                    q = Partial()
+                else:
+                    return Mixing("non-linear op on a partial sum")
+            elif isinstance(p, Shard):
+                q = Shard(p.dim + out_nd - nd, p.merged)
+            elif isinstance(p, Pair):
+                q = Pair(p.d0 + out_nd - nd, p.d1 + out_nd - nd)
+            else:
+                return Mixing(str(p))
+            if res is None:
+                res = q
+            elif res != q:
+                if isinstance(res, Shard) and isinstance(q, Shard) and res.dim == q.dim:
+                    res = Shard(res.dim, res.merged or q.merged)
+                elif isinstance(res, Pair) and isinstance(q, Shard) and q.dim in (res.d0, res.d1):
+                    pass
+                elif isinstance(q, Pair) and isinstance(res, Shard) and res.dim in (q.d0, q.d1):
+                    res = q
+                else:
+                    return Mixing(f"inputs sharded differently ({res} vs {q})")
+        # a replicated operand that spans the sequence length on the sharded dim broadcasts a
+        # *local-length* constant: fine (token-local), nothing to do.
+        return res if res is not None else R
+
+    def reduction(self, node: fx.Node, name: str) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        nd = _nd(x)
+        dims = arg(node, 1, "dim", None)
+        keep = bool(arg(node, 2, "keepdim", False)) if name not in ("norm",) else bool(
+            node.kwargs.get("keepdim", False))
+        if name in ("max", "min") and len(node.args) < 2 and "dim" not in node.kwargs:
+            dims = None
+        if isinstance(dims, int):
+            dims = (dims,)
+        all_dims = dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0)
+        if not isinstance(p, Shard):
+            return Mixing(f"{name} of {p}")
+        red = set(range(nd)) if all_dims else {_norm(d, nd) for d in dims}
+        if p.dim in red:
+            kind = REDUCTIONS[name]
+            if len(red) > 1 or not keep:
+                if p.dim in red and len(red) < nd and not keep:
+                    return Mixing(f"{name} over the sequence", "replicate")
+            return Mixing(f"{name} over the sequence", "replicate")
+        if isinstance(val(node), tuple):  # max(dim) returns (values, indices)
+            new = p.dim - sum(1 for d in red if d < p.dim) if not keep else p.dim
+            return Shard(new, p.merged)
+        new = p.dim if keep else p.dim - sum(1 for d in red if d < p.dim)
+        return Shard(new, p.merged)
+
+    def getitem(self, node: fx.Node) -> Placement:
+        x, idx = node.args[0], node.args[1]
+        p = self.get(x)
+        if isinstance(val(x), (tuple, list)):  # picking an output of a multi-output op
+            if isinstance(p, (Shard, Replicate, Partial)):
+                return p
+            return Mixing(str(p))
+        if not isinstance(p, Shard):
+            return Mixing(f"indexing a {p} value")
+        sh = shape(x)
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in idx):
+            # advanced indexing: token-local only if the sequence dim is untouched
+            return Mixing("advanced indexing of a sharded value")
+        # expand Ellipsis
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        out_dim = 0
+        in_dim = 0
+        res = None
+        for i in idx:
+            if i is Ellipsis:
+                skip = len(sh) - n_real
+                if in_dim <= p.dim < in_dim + skip:
+                    res = Shard(out_dim + (p.dim - in_dim), p.merged)
+                in_dim += skip
+                out_dim += skip
+            elif i is None:
+                out_dim += 1
+            elif isinstance(i, int):
+                if in_dim == p.dim:
+                    return Mixing("integer index into the sequence axis", "replicate")
+                in_dim += 1
+            elif isinstance(i, slice):
+                if in_dim == p.dim:
+                    full = slice(None).indices(sh[in_dim])
+                    if i.indices(sh[in_dim]) != full:
+                        return Mixing("slice of the sequence axis", p.dim)
+                    res = Shard(out_dim, p.merged)
+                in_dim += 1
+                out_dim += 1
+            else:
+                return Mixing(f"index {i!r}")
+        if res is None and p.dim >= in_dim:
+            res = Shard(out_dim + (p.dim - in_dim), p.merged)
+        return res if res is not None else Mixing("index dropped the sequence axis")
+
+    def reshape(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        if not isinstance(p, Shard):
+            return Mixing(f"reshape of {p}") if not isinstance(p, Partial) else Partial()
+        ish, osh = shape(x), shape(node)
+        return _map_reshape(ish, osh, p)
+
+    def permute(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else node.args[1:]
+        nd = _nd(x)
+        dims = [_norm(d, nd) for d in dims]
+        if isinstance(p, Shard):
+            return Shard(dims.index(p.dim), p.merged)
+        if isinstance(p, Pair):
+            return Pair(dims.index(p.d0), dims.index(p.d1))
+        return p
+
+    def unsqueeze(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        d = _norm(arg(node, 1, "dim"), _nd(node))
+        if isinstance(p, Shard):
+            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged)
+        return p
+
+    def squeeze(self, node: fx.Node) -> Placement:
+        return self.reshape(node)
+
+    def matmul(self, node: fx.Node) -> Placement:
+        a, b = node.args[0], node.args[1]
+        pa, pb = self.get(a), self.get(b)
+        na, nb, no = _nd(a), _nd(b), _nd(node)
+        if na < 2 or nb < 2:
+            return Mixing("matmul with a vector")
+        ra = rb = None  # roles: 'row', 'contr', 'batch'
+
+        def role(p, nd, is_a):
+            if isinstance(p, Replicate):
+                return None
+            if isinstance(p, Pair):
+                return "pair"
+            if not isinstance(p, Shard):
+                return "other"
+            if is_a:
+                return {nd - 2: "row", nd - 1: "contr"}.get(p.dim, ("batch", p.dim - nd))
+            return {nd - 2: "contr", nd - 1: "col"}.get(p.dim, ("batch", p.dim - nd))
+
+        ra, rb = role(pa, na, True), role(pb, nb, False)
+        if ra == "pair" and rb == "contr":
+            return Mixing("T×T scores times values", no - 2)
+        if "pair" in (ra, rb) or "other" in (ra, rb):
+            return Mixing("matmul with a T×T operand")
+        if ra == "contr" and rb == "contr":
+            return Partial()
+        if ra == "contr" or rb == "contr":
+            return Mixing("contraction over a sharded axis with a replicated operand")
+        if ra == "row" and rb == "col":
+            return Pair(no - 2, no - 1)
+        if isinstance(ra, tuple) and isinstance(rb, tuple):
+            if ra[1] != rb[1]:
+                return Mixing("matmul operands sharded on different batch dims")
+            return Shard(no + ra[1], pa.merged)
+        if isinstance(ra, tuple) and rb is None:
+            return Shard(no + ra[1], pa.merged)
+        if isinstance(rb, tuple) and ra is None:
+            return Shard(no + rb[1], pb.merged)
+        if ra == "row" and rb is None:
+            return Shard(no - 2, pa.merged)
+        if rb == "col" and ra is None:
+            return Shard(no - 1, pb.merged)
+        return Mixing("matmul with mixed sharding")
+
+    def linear(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        if not isinstance(p, Shard) or p.dim == _nd(x) - 1:
+            return Mixing("linear over the sequence axis")
+        if any(not isinstance(self.get(w), Replicate) for w in node.all_input_nodes[1:]):
+            return Mixing("linear with a sharded weight")
+        return p
+
+    def softmax_like(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        d = _norm(arg(node, 1, "dim"), _nd(x))
+        if isinstance(p, Shard) and p.dim != d:
+            return p
+        if isinstance(p, Pair) and d in (p.d0, p.d1):
+            return Mixing("softmax over a T×T value")
+        return Mixing(f"{canonical_name(node)} along the sequence axis", d)
+
+    def cum(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        d = _norm(arg(node, 1, "dim"), _nd(x))
+        if isinstance(p, Shard) and p.dim != d:
+            return p
+        return Mixing(f"{canonical_name(node)} along the sequence axis", d)
+
+    def norm_layer(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        shp = arg(node, 1, "normalized_shape")
+        k = len(shp) if isinstance(shp, (list, tuple)) else 1
+        if isinstance(p, Shard) and p.dim < _nd(x) - k and all(
+                isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
+            return p
+        return Mixing("normalisation over the sequence axis")
+
+    def embedding(self, node: fx.Node) -> Placement:
+        ids, w = node.args[0], node.args[1]
+        p = self.get(ids)
+        if isinstance(p, Shard) and isinstance(self.get(w), Replicate):
+            return p
+        return Mixing("embedding with a sharded table")
+
+    def last_dim_local(self, node: fx.Node) -> Placement:
+        """Ops that act on the last dim only (normalize(dim=-1), ...)."""
+        x = node.args[0]
+        p = self.get(x)
+        dim = arg(node, 2, "dim", -1) if canonical_name(node) == "normalize" else -1
+        if isinstance(p, Shard) and p.dim != _norm(dim, _nd(x)):
+            return p
+        return Mixing(f"{canonical_name(node)} along the sequence axis")
+
+    def size_query(self, node: fx.Node) -> Placement:
+        return R
+
+    def split(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        d = _norm(arg(node, 2, "dim", 0), _nd(x))
+        if isinstance(p, Shard) and p.dim != d:
+            return p
+        return Mixing("split along the sequence axis", d)
+
+    def cat(self, node: fx.Node) -> Placement:
+        tensors = node.args[0]
+        d = arg(node, 1, "dim", 0)
+        nd = _nd(node)
+        d = _norm(d, nd)
+        ps = [self.get(t) for t in tensors]
+        shards = {p for p in ps if not isinstance(p, Replicate)}
+        if len(shards) == 1 and isinstance(next(iter(shards)), Shard):
+            p = next(iter(shards))
+            if p.dim != d and all(isinstance(q, Shard) for q in ps):
+                return p
+        return Mixing("concatenation along the sequence axis" if any(
+            isinstance(q, Shard) and q.dim == d for q in ps) else "cat of mixed placements", d)
+
+    def stack(self, node: fx.Node) -> Placement:
+        tensors = node.args[0]
+        d = _norm(arg(node, 1, "dim", 0), _nd(node))
+        ps = [self.get(t) for t in tensors]
+        if all(isinstance(q, Shard) and q == ps[0] for q in ps):
+            p = ps[0]
+            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged)
+        return Mixing("stack of mixed placements")
+
+    def expand(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        if isinstance(p, Shard):
+            return Shard(p.dim + _nd(node) - _nd(x), p.merged)
+        return p
+
+    def flatten(self, node: fx.Node) -> Placement:
+        return self.reshape(node)
+
+    def sdpa(self, node: fx.Node) -> Placement:
+        return Mixing("attention over the sequence", _nd(node) - 2)
+
+    def conv1d(self, node: fx.Node) -> Placement:
+        return Mixing("convolution along the sequence", _nd(node) - 1)
+
+    def pad(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        pads = arg(node, 1, "pad")
+        nd = _nd(x)
+        if isinstance(p, Shard):
+            touched = {nd - 1 - i // 2 for i, v in enumerate(pads) if v != 0}
+            if p.dim not in touched:
+                return p
+        return Mixing("padding along the sequence axis", getattr(p, "dim", None))
+
+    def cross_entropy(self, node: fx.Node) -> Placement:
+        red = node.kwargs.get("reduction", "mean")
+        if red == "none":
+            x = node.args[0]
+            p = self.get(x)
+            if isinstance(p, Shard) and p.dim != 1:
+                return Shard(p.dim if p.dim == 0 else p.dim - 1, p.merged)
+            return Mixing("cross_entropy over the sequence axis")
+        return Mixing(f"cross_entropy with reduction={red!r}", 0)
+
+
+def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard) -> Placement:
+    """Where does input dim ``p.dim`` go in a reshape ``ish → osh``?
+
+    Same prefix product and size → that dim; a dim that starts at the same prefix and divides the
+    length → the sequence was split into ``[n_chunks, C, ...]``, shard on the chunk count; a dim
+    that covers the sequence together with neighbours → ``merged`` (``[B, T] → [B*T]``).
+    """
+    pre = math.prod(ish[:p.dim])
+    T = ish[p.dim]
+    acc = 1
+    for j, s in enumerate(osh):
+        nxt = acc * s
+        if acc == pre and s == T:
+            return Shard(j, p.merged)
+        if acc == pre and s < T and T % s == 0:
+            k, prod = j, 1
+            while k < len(osh) and prod < T:
+                prod *= osh[k]
+                k += 1
+            if prod == T:
+                return Shard(j, p.merged)
+        if pre % acc == 0 and nxt % (pre * T) == 0 and s != T:
+            return Shard(j, True)
+        acc = nxt
+    return Mixing("reshape mixes the sequence axis")
+
+
+def _is_param_or_buffer(node: fx.Node) -> bool:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    if src is None:
+        return False
+    name = getattr(src, "name", None)
+    name = name() if callable(name) else (name if isinstance(name, str) else str(src))
+    text = type(src).__name__ + " " + name + " " + str(src)
+    return "ParamBuffer" in text or "_parameters" in text or "_buffers" in text or \
+        "Parameter" in text
+
+
+def _user_name(node: fx.Node) -> Optional[str]:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    local = getattr(src, "local_name", None)
+    return local
+
+
+RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
+    "getitem": Analyzer.getitem,
+    "reshape": Analyzer.reshape, "view": Analyzer.reshape, "view_as": Analyzer.reshape,
+    "reshape_as": Analyzer.reshape, "flatten": Analyzer.reshape, "unflatten": Analyzer.reshape,
+    "squeeze": Analyzer.reshape,
+    "permute": Analyzer.permute, "unsqueeze": Analyzer.unsqueeze,
+    "matmul": Analyzer.matmul, "linear": Analyzer.linear,
+    "softmax": Analyzer.softmax_like, "log_softmax": Analyzer.softmax_like,
+    "cumsum": Analyzer.cum, "cumprod": Analyzer.cum, "cummax": Analyzer.cum,
+    "cummin": Analyzer.cum, "logcumsumexp": Analyzer.cum,
+    "layer_norm": Analyzer.norm_layer, "rms_norm": Analyzer.norm_layer,
+    "group_norm": Analyzer.norm_layer,
+    "embedding": Analyzer.embedding, "normalize": Analyzer.last_dim_local,
+    "size": Analyzer.size_query, "dim": Analyzer.size_query, "shape": Analyzer.size_query,
+    "getattr": Analyzer.size_query,
+    "split": Analyzer.split, "chunk": Analyzer.split, "unbind": Analyzer.split,
+    "cat": Analyzer.cat, "concat": Analyzer.cat, "concatenate": Analyzer.cat,
+    "stack": Analyzer.stack, "expand": Analyzer.expand, "expand_as": Analyzer.expand,
+    "broadcast_to": Analyzer.expand, "repeat": Analyzer.expand,
+    "sdpa": Analyzer.sdpa, "conv1d": Analyzer.conv1d, "pad": Analyzer.pad,
+    "cross_entropy": Analyzer.cross_entropy,
+}
+
+
+def analyze(gm: fx.GraphModule, ctx: Ctx) -> Dict[fx.Node, Placement]:
+    ctx.seq_len = None if not ctx.placements else ctx.seq_len
+    pl = Analyzer(gm, ctx).run()
+    ctx.placements = pl
+    return pl
+
+
+@register_pass("sequence_axis")
+def sequence_axis(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    """Placement (Shard/Replicate/Partial/Pair/Mixing) of every value."""
+    analyze(gm, ctx)
+    for node, p in ctx.placements.items():
+        node.meta["spcompile_placement_str"] = str(p)
+    if ctx.world_size > 1 and ctx.seq_len is None:
+        ctx.notes.append("no sequence-shaped input found: nothing is sharded")
+    return gm
