@@ -213,9 +213,236 @@ def check_sp_linear_scan(rec: Recorder, r: int, P: int) -> None:
             rec.close(tag + "/dinitial_state", sum_over_ranks(gs0), ref_grads[4])
 
 
+# ------------------------------------------------------------------------------------ halo checks
+
+def check_halo(rec: Recorder, r: int, P: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    B, Cch, Tl, w = 2, 3, 5, 4
+    T = Tl * P
+    # Mamba-style causal depthwise conv1d, x [B, C, T], sequence dim 2, halo w-1
+    x = torch.randn(B, Cch, T, generator=gen, dtype=DT)
+    weight = torch.randn(Cch, 1, w, generator=gen, dtype=DT)
+    W = torch.randn(B, Cch, T, generator=gen, dtype=DT)
+    xr, wr = leaf(x), leaf(weight)
+    y = F.conv1d(F.pad(xr, (w - 1, 0)), wr, groups=Cch)
+    gx_ref, gw_ref = grads((y * W).sum(), [xr, wr])
+    xs, ws = leaf(shard(x, 2, r, P)), leaf(weight)
+    with C.count_traffic() as t:
+        h = C.halo_exchange(xs, w - 1, dim=2, group=dist.group.WORLD)
+        ys = F.conv1d(torch.cat([h, xs], dim=2), ws, groups=Cch)
+        gx, gw = grads((ys * shard(W, 2, r, P)).sum(), [xs, ws])
+    rec.close("halo/conv1d/fwd", ys, shard(y, 2, r, P))
+    rec.close("halo/conv1d/dx", gx, shard(gx_ref, 2, r, P))
+    rec.close("halo/conv1d/dweight", sum_over_ranks(gw), gw_ref)
+    nb = B * Cch * (w - 1) * 8
+    want = ((nb if r < P - 1 else 0) + (nb if r > 0 else 0),) * 2
+    rec.true("halo/traffic", t.by_strategy["halo"] == want, f"{t.by_strategy['halo']} vs {want}")
+    # RWKV token shift, x [B, T, C], sequence dim 1, halo 1
+    x = torch.randn(B, T, Cch, generator=gen, dtype=DT)
+    W = torch.randn(B, T, Cch, generator=gen, dtype=DT)
+    xr = leaf(x)
+    y = F.pad(xr, (0, 0, 1, -1))
+    (gx_ref,) = grads((y * W).sum(), [xr])
+    xs = leaf(shard(x, 1, r, P))
+    ys = torch.cat([C.halo_exchange(xs, 1, group=dist.group.WORLD), xs[:, :-1]], dim=1)
+    (gx,) = grads((ys * shard(W, 1, r, P)).sum(), [xs])
+    rec.close("halo/token_shift/fwd", ys, shard(y, 1, r, P))
+    rec.close("halo/token_shift/dx", gx, shard(gx_ref, 1, r, P))
+    try:
+        C.halo_exchange(xs, Tl + 1, group=dist.group.WORLD)
+        rec.true("halo/too_wide_error", False, "no error")
+    except ValueError as e:
+        rec.true("halo/too_wide_error", "exceeds the local length" in str(e), str(e))
+
+
+# ------------------------------------------------------------------------------- attention checks
+
+def check_attention(rec: Recorder, r: int, P: int) -> None:
+    gen = torch.Generator().manual_seed(4)
+    B, Tl, D = 2, 4, 6
+    T = Tl * P
+    for Hq, Hkv, Dv in ((4, 4, 6), (4, 2, 5), (4, 1, 6)):
+        gqa = Hkv != Hq
+        q = torch.randn(B, Hq, T, D, generator=gen, dtype=DT)
+        k = torch.randn(B, Hkv, T, D, generator=gen, dtype=DT)
+        v = torch.randn(B, Hkv, T, Dv, generator=gen, dtype=DT)
+        W = torch.randn(B, Hq, T, Dv, generator=gen, dtype=DT)
+        for causal in (True, False):
+            ins = [leaf(x) for x in (q, k, v)]
+            o = F.scaled_dot_product_attention(*ins, is_causal=causal, enable_gqa=gqa)
+            ref_grads = grads((o * W).sum(), ins)
+            for strategy in C.ATTENTION_STRATEGIES:
+                tag = f"attn/{strategy}/{'causal' if causal else 'full'}/Hq{Hq}Hkv{Hkv}"
+                mine = [leaf(shard(x, 2, r, P)) for x in (q, k, v)]
+                with C.count_traffic() as t:
+                    os_ = C.sp_attention(*mine, causal=causal, strategy=strategy,
+                                         group=dist.group.WORLD, enable_gqa=gqa)
+                    gs = grads((os_ * shard(W, 2, r, P)).sum(), mine)
+                rec.close(tag + "/o", os_, shard(o, 2, r, P))
+                for nm, got, want in zip("qkv", gs, ref_grads):
+                    rec.close(f"{tag}/d{nm}", got, shard(want, 2, r, P))
+                rec.true(tag + "/traffic_counted", t.by_strategy.get(
+                    "gather_sequence" if strategy == "kv_allgather" else strategy, (0, 0))[0] > 0,
+                    str(t.by_strategy))
+    # ulysses needs Hq % P == 0: a clear error otherwise
+    q = torch.randn(1, P + 1, Tl, D, dtype=DT)
+    try:
+        C.sp_attention(q, q, q, causal=True, strategy="ulysses", group=dist.group.WORLD)
+        rec.true("attn/ulysses_heads_error", False, "no error")
+    except ValueError as e:
+        rec.true("attn/ulysses_heads_error", "not divisible" in str(e), str(e))
+
+
+# ------------------------------------------------------------------------------ reduction checks
+
+def check_reductions(rec: Recorder, r: int, P: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    xs = torch.randn(P, 3, 4, generator=gen, dtype=DT)
+    xs[:, 0, 0] = 7.0                    # a tie on every rank
+    xs[P - 1, 1, 1] = 9.0                # a max held by one rank
+    W = torch.randn(3, 4, generator=gen, dtype=DT)
+    x = leaf(xs[r])
+    y = C.all_reduce_sum(x, dist.group.WORLD)
+    (gx,) = grads((y * W).sum(), [x])
+    rec.close("reduce/all_reduce_sum/fwd", y, xs.sum(0))
+    rec.close("reduce/all_reduce_sum/dx_identity", gx, W)
+    ref_in = leaf(xs)
+    ref = ref_in.amax(0)
+    (g_ref,) = grads((ref * W).sum(), [ref_in])
+    x = leaf(xs[r])
+    y = C.all_reduce_max(x, dist.group.WORLD)
+    (gx,) = grads((y * W).sum(), [x])
+    rec.close("reduce/all_reduce_max/fwd", y, ref)
+    rec.close("reduce/all_reduce_max/dx", gx, g_ref[r])
+    # gather (replicated gradient → slice)
+    B, Tl, Cc = 2, 3, 4
+    full = torch.randn(B, Tl * P, Cc, generator=gen, dtype=DT)
+    Wf = torch.randn(B, Tl * P, Cc, generator=gen, dtype=DT)
+    x = leaf(shard(full, 1, r, P))
+    with C.count_traffic() as t:
+        y = C.gather_sequence(x, 1, dist.group.WORLD)
+    (gx,) = grads((y * Wf).sum(), [x])
+    rec.close("reduce/gather_sequence/fwd", y, full)
+    rec.close("reduce/gather_sequence/dx_slice", gx, shard(Wf, 1, r, P))
+    nb = x.numel() * 8
+    rec.true("reduce/gather_sequence/traffic", t.by_strategy["gather_sequence"] ==
+             ((P - 1) * nb, (P - 1) * nb), str(t.by_strategy))
+    # fallback pattern: gather (reduce_scatter grad) → sequence op → re-shard
+    xr = leaf(full)
+    (g_ref,) = grads((xr.cumsum(1) * Wf).sum(), [xr])
+    x = leaf(shard(full, 1, r, P))
+    z = C.shard_sequence(C.gather_sequence(x, 1, dist.group.WORLD, grad="reduce_scatter")
+                         .cumsum(1), 1, dist.group.WORLD)
+    (gx,) = grads((z * shard(Wf, 1, r, P)).sum(), [x])
+    rec.close("reduce/gather_op_reshard/fwd", z, shard(full.cumsum(1), 1, r, P))
+    rec.close("reduce/gather_op_reshard/dx", gx, shard(g_ref, 1, r, P))
+    try:
+        C.shard_sequence(torch.zeros(2, P * 3 + 1), 1, dist.group.WORLD)
+        rec.true("reduce/shard_sequence_error", False, "no error")
+    except ValueError as e:
+        rec.true("reduce/shard_sequence_error", "not divisible" in str(e), str(e))
+    # sync_gradients: grads become the sum over ranks
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2).double()
+    per_rank = [[torch.full_like(p, float(j + 1) * (i + 1)) for i, p in enumerate(m.parameters())]
+                for j in range(P)]
+    for p, g in zip(m.parameters(), per_rank[r]):
+        p.grad = g.clone()
+    C.sync_gradients(m, dist.group.WORLD)
+    for i, p in enumerate(m.parameters()):
+        rec.close(f"reduce/sync_gradients/{i}", p.grad, sum(pr[i] for pr in per_rank))
+
+
+# ------------------------------------------------------------------ input validation and timeouts
+
+def check_validation(rec: Recorder, r: int, P: int) -> None:
+    H, K, V = 2, 4, 3
+    Tl = 6 if r == 0 else 4
+    q = torch.randn(1, Tl, H, K, dtype=DT)
+    try:
+        C.sp_linear_scan(q, q, q[..., :V], group=dist.group.WORLD)
+        rec.true("validate/uneven_shards", False, "no error")
+    except ValueError as e:
+        rec.true("validate/uneven_shards", "local length T differs" in str(e), str(e))
+    s = torch.randn(1, H, K, V, dtype=DT if r == 0 else torch.float32)
+    for strategy in C.STRATEGIES:
+        try:
+            C.exclusive_state_scan(s, None, strategy=strategy, group=dist.group.WORLD)
+            rec.true(f"validate/dtype/{strategy}", False, "no error")
+        except ValueError as e:
+            rec.true(f"validate/dtype/{strategy}", "dtype differs" in str(e), str(e))
+
+
+def check_timeout(rec: Recorder, r: int, P: int) -> None:
+    """A peer that never arrives: the others fail with CollectiveError within the timeout."""
+    limit = 1.0
+    g_ag = dist.new_group(list(range(P)), backend="gloo")
+    g_chain = dist.new_group(list(range(P)), backend="gloo")
+    C.set_timeout(limit)
+    try:
+        for strategy, grp, absent in (("allgather", g_ag, 1), ("allscan", g_chain, 0)):
+            if strategy == "allscan":
+                C.set_validation(False)  # exercise the point-to-point waits themselves
+            if r == absent:
+                try:
+                    raise RuntimeError("simulated user error on this rank")
+                except RuntimeError:
+                    time.sleep(3 * limit + 1.0)  # alive but never joins the collective
+                continue
+            t0 = time.time()
+            try:
+                C.exclusive_state_scan(torch.ones(1, 2, 4, 3), None, strategy=strategy,
+                                       group=grp)
+                rec.true(f"timeout/{strategy}/raised", False, "no error")
+            except C.CollectiveError as e:
+                dt = time.time() - t0
+                msg = str(e)
+                ok = (f"rank {r} of {P}" in msg and "exclusive_state_scan" in msg and
+                      "timeout" in msg and "set_timeout" in msg)
+                rec.true(f"timeout/{strategy}/message", ok, msg)
+                # chain ranks further down wait for their predecessor's timeout first
+                rec.true(f"timeout/{strategy}/within_limit", dt < (P + 1) * limit + 2.0,
+                         f"took {dt:.2f} s")
+    finally:
+        C.set_timeout(None)
+        C.set_validation(None)
+
+
+def check_compile(rec: Recorder, r: int, P: int) -> None:
+    """sp_linear_scan under torch.compile(backend="aot_eager") gives eager's numbers (fwd+bwd)."""
+    if P != 2:  # one world size is enough; compiling costs seconds per process
+        return
+    name = dist.group.WORLD.group_name
+    gen = torch.Generator().manual_seed(6)
+    B, Tl, H, K, V = 1, 8, 2, 4, 3
+    q, k, v = (torch.randn(B, Tl * P, H, d, generator=gen) for d in (K, K, V))
+    g = -torch.rand(B, Tl * P, H, generator=gen)
+    W = torch.randn(B, Tl * P, H, V, generator=gen)
+    mine = [shard(x, 1, r, P) for x in (q, k, v, g)]
+
+    def f(q, k, v, g):
+        o, s = C.sp_linear_scan(q, k, v, g, output_final_state=True, chunk_size=4,
+                                strategy="allscan", group=name)
+        return (o * shard(W, 1, r, P)).sum() + s.sum()
+
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        ins = [leaf(x) for x in mine]
+        loss = fn(*ins)
+        results.append([loss] + grads(loss, ins))
+    for nm, a, b in zip(("loss", "dq", "dk", "dv", "dlog_decay"), results[1], results[0]):
+        rec.close(f"compile/aot_eager/{nm}", a, b, tol=1e-5)
+
+
 CHECKS: Dict[str, Callable] = {
     "state_scan": check_state_scan,
     "sp_linear_scan": check_sp_linear_scan,
+    "halo": check_halo,
+    "attention": check_attention,
+    "reductions": check_reductions,
+    "validation": check_validation,
+    "compile": check_compile,
+    "timeout": check_timeout,   # last: it leaves two broken groups behind
 }
 
 

@@ -15,7 +15,13 @@ from .runtime import (CollectiveError, Traffic, count_traffic, get_timeout, grou
                       group_rank, group_size, resolve_group, set_timeout, set_validation)
 from .state_scan import STRATEGIES, exclusive_state_scan
 from .sp_scan import local_final_state, sp_linear_scan
+from .halo import halo_exchange
+from .attention import ATTENTION_STRATEGIES, sp_attention
+from .reduce import (all_reduce_max, all_reduce_sum, gather_sequence, shard_sequence,
+                     sync_gradients)
 
 __all__ = ["CollectiveError", "Traffic", "count_traffic", "get_timeout", "group_name",
            "group_rank", "group_size", "resolve_group", "set_timeout", "set_validation",
-           "STRATEGIES", "exclusive_state_scan", "local_final_state", "sp_linear_scan"]
+           "STRATEGIES", "exclusive_state_scan", "local_final_state", "sp_linear_scan",
+           "halo_exchange", "ATTENTION_STRATEGIES", "sp_attention", "all_reduce_max",
+           "all_reduce_sum", "gather_sequence", "shard_sequence", "sync_gradients"]

@@ -80,6 +80,13 @@ def group_rank(group: GroupLike) -> int:
     return 0 if pg is None else pg.rank()
 
 
+# Dynamo cannot trace the C++ group registry; for a given name these are constants, so let it
+# call them at trace time and bake the result in (what ``torch._dynamo.assume_constant_result``
+# does; set directly so that importing this module does not import torch._dynamo/triton).
+for _fn in (group_size, group_rank):
+    _fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------------------------------- traffic
 
 @dataclass
