@@ -146,7 +146,7 @@ TRITON_CASES = [
     ("scalar", 1, 1, 1, 16, 16, "float32", True),
     ("vector", 1, 70, 1, 16, 16, "float32", True),
     ("vector", 1, 20, 1, 24, 16, "float32", False),
-    ("none", 1, 40, 1, 64, 64, "bfloat16", False),
+    ("none", 1, 40, 1, 64, 64, "bfloat16", True),
     ("head", 1, 70, 1, 128, 128, "bfloat16", True),
     ("scalar", 1, 50, 2, 64, 64, "bfloat16", True),
     ("vector", 1, 40, 1, 64, 32, "bfloat16", True),

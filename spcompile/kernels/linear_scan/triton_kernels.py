@@ -33,8 +33,22 @@ state buffers ``h``/``dh`` are stored in the input dtype (as fla does) to halve 
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton 3.9's interpreter gets bf16 dot products wrong (garbage); interpreted runs upcast them.
+_UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    if _UPCAST_DOT:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        r = tl.dot(a, b, input_precision=PREC)
+    return r
 
 
 @triton.jit
@@ -49,7 +63,7 @@ def _tile_ptr(base, r0, c0, R, C, s_r, s_c, BR: tl.constexpr, BCOL: tl.constexpr
             (o_r < R)[:, None] & (o_c < C)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def chunk_cumsum_kernel(g, gc, T, H: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
                         BS: tl.constexpr, HEAD: tl.constexpr, FLOOR: tl.constexpr):
     """gc = chunk-local cumsum of max(g, FLOOR); g: [H] (HEAD) or [B, T, H, S] → gc [B, T, H, S]."""
@@ -68,7 +82,7 @@ def chunk_cumsum_kernel(g, gc, T, H: tl.constexpr, S: tl.constexpr, BT: tl.const
     tl.store(gc + p, tl.cumsum(b_g, axis=0), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'NT'])
 def fwd_state_kernel(k, v, gc, h, h0, ht, T, NT, H: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      USE_G: tl.constexpr, USE_GK: tl.constexpr, USE_H0: tl.constexpr,
@@ -110,14 +124,14 @@ def fwd_state_kernel(k, v, gc, h, h0, ht, T, NT, H: tl.constexpr, K: tl.constexp
             b_gkl = tl.load(gc + ((i_b * T + last) * H + i_h) * K + o_k, mask=o_k < K, other=0.)
             b_h *= tl.exp(b_gkl)[:, None]
             b_k = (b_k * tl.exp(tl.where(m_t[None, :], b_gkl[:, None] - b_gk, 0.))).to(b_k.dtype)
-        b_h += tl.dot(b_k, b_v, input_precision=PREC)
+        b_h += _dot(b_k, b_v, PREC)
     if STORE_HT:
         p_ht, mp_ht = _tile_ptr(ht + i_bh * K * V, i_k * BK, i_v * BV, K, V, V, 1,
         BK, BV)
         tl.store(p_ht, b_h.to(p_ht.dtype.element_ty), mask=mp_ht)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def fwd_intra_A_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                        BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
                        PREC: tl.constexpr):
@@ -152,7 +166,7 @@ def fwd_intra_A_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr, BT: tl.
             # [BC, BK] and [BK, BC], both factors <= 1
             b_qg = b_q * tl.exp(tl.where(m_i[:, None], b_gq - b_gn[None, :], 0.))
             b_kg = b_k * tl.exp(b_gn[:, None] - b_gk)
-            b_A += tl.dot(b_qg, b_kg, input_precision=PREC)
+            b_A += _dot(b_qg, b_kg, PREC)
         p_A, mp_A = _tile_ptr(p_A0, row0, i_j * BC, T, BT, H * BT, 1,
         BC, BC)
         tl.store(p_A, b_A, mask=mp_A)
@@ -185,7 +199,7 @@ def fwd_intra_A_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr, BT: tl.
         tl.store(p_A, tl.zeros([BC, BC], dtype=tl.float32), mask=mp_A)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'NT'])
 def fwd_o_kernel(q, k, v, h, gc, A, o, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
                  V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  USE_G: tl.constexpr, USE_GK: tl.constexpr, PREC: tl.constexpr):
@@ -212,14 +226,14 @@ def fwd_o_kernel(q, k, v, h, gc, A, o, scale, T, NT, H: tl.constexpr, K: tl.cons
         BT, BK)
             b_gk = tl.load(p_gk, mask=mp_gk, other=0.)
             b_qg = (b_q * tl.exp(b_gk)).to(b_q.dtype)
-            b_o += tl.dot(b_qg, b_h, input_precision=PREC)
+            b_o += _dot(b_qg, b_h, PREC)
         else:
             p_k, mp_k = _tile_ptr(k + base, i_k * BK, i_t * BT, K, T, 1, H * K,
         BK, BT)
             # [BK, BT]
             b_k = tl.load(p_k, mask=mp_k, other=0.)
-            b_o += tl.dot(b_q, b_h, input_precision=PREC)
-            b_A += tl.dot(b_q, b_k, input_precision=PREC)
+            b_o += _dot(b_q, b_h, PREC)
+            b_A += _dot(b_q, b_k, PREC)
     if USE_G:
         b_g = tl.load(gc + (i_b * T + o_t) * H + i_h, mask=m_t, other=0.)
         b_o *= tl.exp(b_g)[:, None]
@@ -232,13 +246,13 @@ def fwd_o_kernel(q, k, v, h, gc, A, o, scale, T, NT, H: tl.constexpr, K: tl.cons
     p_v, mp_v = _tile_ptr(v + (i_b * T * H + i_h) * V, i_t * BT, i_v * BV, T, V, H * V, 1,
         BT, BV)
     b_v = tl.load(p_v, mask=mp_v, other=0.)
-    b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)) * scale
+    b_o = (b_o + _dot(b_A.to(b_v.dtype), b_v, PREC)) * scale
     p_o, mp_o = _tile_ptr(o + (i_b * T * H + i_h) * V, i_t * BT, i_v * BV, T, V, H * V, 1,
         BT, BV)
     tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=mp_o)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'NT'])
 def bwd_dstate_kernel(q, do, gc, dht, dh, dh0, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
                       V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       USE_G: tl.constexpr, USE_GK: tl.constexpr, STORE_DH0: tl.constexpr,
@@ -280,15 +294,15 @@ def bwd_dstate_kernel(q, do, gc, dht, dh, dh0, scale, T, NT, H: tl.constexpr, K:
             b_dh *= tl.exp(b_gkl)[:, None]
             b_q = (b_q * tl.exp(b_gk) * scale).to(b_q.dtype)
         else:
-            b_q = (b_q * scale).to(b_q.dtype)
-        b_dh += tl.dot(b_q, b_do, input_precision=PREC)
+            b_q = (b_q.to(tl.float32) * scale).to(b_q.dtype)
+        b_dh += _dot(b_q, b_do, PREC)
     if STORE_DH0:
         p_dh0, mp_dh0 = _tile_ptr(dh0 + i_bh * K * V, i_k * BK, i_v * BV, K, V, V, 1,
         BK, BV)
         tl.store(p_dh0, b_dh.to(p_dh0.dtype.element_ty), mask=mp_dh0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def bwd_dA_kernel(v, do, dA, scale, T, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr):
     """Vector decay: dA = scale · do vᵀ, lower triangle, fp32 [B, T, H, BT]."""
@@ -303,14 +317,14 @@ def bwd_dA_kernel(v, do, dA, scale, T, H: tl.constexpr, V: tl.constexpr, BT: tl.
         BV, BT)
         b_do = tl.load(p_do, mask=mp_do, other=0.)
         b_v = tl.load(p_v, mask=mp_v, other=0.)
-        b_dA += tl.dot(b_do, b_v, input_precision=PREC)
+        b_dA += _dot(b_do, b_v, PREC)
     b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA * scale, 0.)
     p_dA, mp_dA = _tile_ptr(dA + (i_b * T * H + i_h) * BT, i_t * BT, 0, T, BT, H * BT, 1,
         BT, BT)
     tl.store(p_dA, b_dA, mask=mp_dA)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def bwd_intra_kernel(q, k, gc, dA, dq, dk, T, H: tl.constexpr, K: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
                      PREC: tl.constexpr):
@@ -350,7 +364,7 @@ def bwd_intra_kernel(q, k, gc, dA, dq, dk, T, H: tl.constexpr, K: tl.constexpr,
         b_gk = tl.load(p_gk, mask=mp_gk, other=0.)
         b_dA = tl.load(p_dA, mask=mp_dA, other=0.)
         b_kg = b_k * tl.exp(b_gn[None, :] - b_gk)
-        b_dq += tl.dot(b_dA, b_kg, input_precision=PREC)
+        b_dq += _dot(b_dA, b_kg, PREC)
     b_dq *= tl.exp(tl.where(m_i[:, None], b_g - b_gn[None, :], 0.))
     for j in range(0, BC):
         r_j = row0 + j
@@ -383,7 +397,7 @@ def bwd_intra_kernel(q, k, gc, dA, dq, dk, T, H: tl.constexpr, K: tl.constexpr,
         b_gq = tl.load(p_gq, mask=mp_gq, other=0.)
         b_dAt = tl.load(p_dA, mask=mp_dA, other=0.)
         b_qg = b_q * tl.exp(tl.where(m_r[:, None], b_gq - b_gn[None, :], 0.))
-        b_dk += tl.dot(b_dAt, b_qg, input_precision=PREC)
+        b_dk += _dot(b_dAt, b_qg, PREC)
     b_dk *= tl.exp(tl.where(m_i[:, None], b_gn[None, :] - b_g, 0.))
     for i in range(0, BC):
         r_i = row0 + i
@@ -399,7 +413,7 @@ def bwd_intra_kernel(q, k, gc, dA, dq, dk, T, H: tl.constexpr, K: tl.constexpr,
     tl.store(p_dk, b_dk, mask=mp_dk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'NT'])
 def bwd_dv_kernel(q, k, gc, A, do, dh, dv, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   USE_G: tl.constexpr, USE_GK: tl.constexpr, PREC: tl.constexpr):
@@ -430,14 +444,14 @@ def bwd_dv_kernel(q, k, gc, A, do, dh, dv, scale, T, NT, H: tl.constexpr, K: tl.
             b_gk = tl.load(p_gk, mask=mp_gk, other=0.)
             b_gkl = tl.load(gc + base + last * H * K + o_k, mask=o_k < K, other=0.)
             b_kd = (b_k * tl.exp(tl.where(m_t[:, None], b_gkl[None, :] - b_gk, 0.))).to(b_k.dtype)
-            b_dv += tl.dot(b_kd, b_dh, input_precision=PREC)
+            b_dv += _dot(b_kd, b_dh, PREC)
         else:
             p_q, mp_q = _tile_ptr(q + base, i_k * BK, i_t * BT, K, T, 1, H * K,
         BK, BT)
             # [BK, BT]
             b_q = tl.load(p_q, mask=mp_q, other=0.)
-            b_At += tl.dot(b_k, b_q, input_precision=PREC)
-            b_dv += tl.dot(b_k, b_dh, input_precision=PREC)
+            b_At += _dot(b_k, b_q, PREC)
+            b_dv += _dot(b_k, b_dh, PREC)
     if USE_G:
         b_g = tl.load(gc + (i_b * T + o_t) * H + i_h, mask=m_t, other=0.)
         b_gl = tl.load(gc + (i_b * T + last) * H + i_h)
@@ -451,13 +465,13 @@ def bwd_dv_kernel(q, k, gc, A, do, dh, dv, scale, T, NT, H: tl.constexpr, K: tl.
     p_do, mp_do = _tile_ptr(do + (i_b * T * H + i_h) * V, i_t * BT, i_v * BV, T, V, H * V, 1,
         BT, BV)
     b_do = tl.load(p_do, mask=mp_do, other=0.)
-    b_dv += tl.dot(b_At.to(b_do.dtype), b_do, input_precision=PREC) * scale
+    b_dv += _dot(b_At.to(b_do.dtype), b_do, PREC) * scale
     p_dv, mp_dv = _tile_ptr(dv + (i_b * T * H + i_h) * V, i_t * BT, i_v * BV, T, V, H * V, 1,
         BT, BV)
     tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=mp_dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'NT'])
 def bwd_dqk_kernel(q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dg, scale, T, NT,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
@@ -494,10 +508,10 @@ def bwd_dqk_kernel(q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dg, scale, T, NT,
         # [BV, BK]
         b_h = tl.load(p_h, mask=mp_h, other=0.)
         b_dh = tl.load(p_dh, mask=mp_dh, other=0.)
-        b_dq += tl.dot(b_do, b_h, input_precision=PREC)
-        b_dk += tl.dot(b_v, b_dh, input_precision=PREC)
+        b_dq += _dot(b_do, b_h, PREC)
+        b_dk += _dot(b_v, b_dh, PREC)
         if not USE_GK:
-            b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+            b_dA += _dot(b_do, tl.trans(b_v), PREC)
         if USE_G or USE_GK:
             b_dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
     p_q, mp_q = _tile_ptr(q + base, i_t * BT, i_k * BK, T, K, H * K, 1,
@@ -540,8 +554,8 @@ def bwd_dqk_kernel(q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dg, scale, T, NT,
         else:
             b_dA = tl.where(m_A, b_dA * scale, 0.)
             b_dq = b_dq * scale
-        b_dq += tl.dot(b_dA.to(b_k.dtype), b_k, input_precision=PREC)
-        b_dk += tl.dot(tl.trans(b_dA).to(b_q.dtype), b_q, input_precision=PREC)
+        b_dq += _dot(b_dA.to(b_k.dtype), b_k, PREC)
+        b_dk += _dot(tl.trans(b_dA).to(b_q.dtype), b_q, PREC)
         if USE_G:
             # [BT]
             b_db = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
