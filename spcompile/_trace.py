@@ -8,7 +8,7 @@ from __future__ import annotations
 
 def count(kind: str, sent: int, recv: int) -> None:
     try:
-        from .collectives import traffic
+        from .collectives import runtime as traffic
     except ImportError:  # collectives not importable: nothing counts
         return
     record = getattr(traffic, "record", None)

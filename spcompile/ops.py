@@ -200,3 +200,25 @@ def scan(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], scale: fl
     from .collectives import sp_linear_scan
     return sp_linear_scan(q, k, v, log_decay, scale=scale, chunk_size=chunk_size,
                           strategy=strategy, group=group_name)[0]
+
+
+# ------------------------------------------------------------------ layout barrier
+@torch.library.custom_op("spcompile::layout_barrier", mutates_args=())
+def layout_barrier(x: Tensor) -> Tensor:
+    """Identity that returns a contiguous tensor, and makes its gradient contiguous too.
+
+    Around the scan ops the gradients are sums of terms with different layouts; AOTAutograd's
+    fake strides for such sums need not be the strides the real kernels produce, and a later
+    ``view`` then fails. A custom op's output layout is exactly what its fake says, so a barrier
+    on each scan input pins the layout of the gradient that flows back into the user's graph.
+    """
+    return x.contiguous().clone()
+
+
+@layout_barrier.register_fake
+def _(x):
+    return x.new_empty(x.shape)
+
+
+layout_barrier.register_autograd(lambda ctx, g: layout_barrier(g),
+                                 setup_context=lambda ctx, inputs, output: None)

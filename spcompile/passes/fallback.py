@@ -61,7 +61,7 @@ def _first_mixing(gm: fx.GraphModule, pl) -> Optional[fx.Node]:
 
 def _allreduce_partial(gm: fx.GraphModule, ctx: Ctx, node: fx.Node) -> None:
     with gm.graph.inserting_after(node), ctx.provenance(gm, None, node):
-        red = gm.graph.call_function(spops.allreduce, (node, "sum", ctx.group_name))
+        red = gm.graph.call_function(torch.ops.spcompile.allreduce.default, (node, "sum", ctx.group_name))
     set_meta(red)
     red.meta["spcompile_placement"] = Replicate()
     node.replace_all_uses_with(red, delete_user_cb=lambda u: u is not red)
@@ -96,7 +96,7 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
         for a in node.all_input_nodes:
             p = pl.get(a)
             if isinstance(p, Shard):
-                gnode = gm.graph.call_function(spops.gather_seq, (a, p.dim, ctx.group_name))
+                gnode = gm.graph.call_function(torch.ops.spcompile.gather_seq.default, (a, p.dim, ctx.group_name))
                 set_meta(gnode)
                 gnode.meta["spcompile_placement"] = Replicate()
                 gathered[a] = gnode
@@ -168,7 +168,7 @@ def _wrap_replicated_outputs(gm: fx.GraphModule, ctx: Ctx) -> None:
                 not _has_param(a):
             return a
         with gm.graph.inserting_before(out):
-            w = gm.graph.call_function(spops.replicated_output, (a, ctx.world_size))
+            w = gm.graph.call_function(torch.ops.spcompile.replicated_output.default, (a, ctx.world_size))
         set_meta(w)
         return w
 

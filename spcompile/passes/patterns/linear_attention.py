@@ -83,7 +83,7 @@ def _flat_heads(x: torch.Tensor, batch: Tuple[int, ...]) -> torch.Tensor:
     """[*batch, T, D] → [1, T, N, D] (the scan layout), broadcasting over ``batch``."""
     T, D = x.shape[-2], x.shape[-1]
     x = x.expand(*batch, T, D).reshape(-1, T, D)
-    return x.permute(1, 0, 2).unsqueeze(0)
+    return x.permute(1, 0, 2).unsqueeze(0).contiguous()
 
 
 class MaskedLinearAttention(Pattern):
@@ -282,17 +282,21 @@ def _decay_to_heads(gval: torch.Tensor, dim: int, B: Tuple[int, ...]) -> torch.T
     x = gval.movedim(dim, -1)  # [..., T]
     T = x.shape[-1]
     x = x.expand(*B, T).reshape(-1, T)
-    return x.t().unsqueeze(0)
+    return x.t().unsqueeze(0).contiguous()
 
 
 def _to_heads(g: fx.Graph, x: fx.Node, B) -> fx.Node:
     n = g.call_function(_flat_heads, (x, tuple(B)))
+    set_meta(n)
+    n = g.call_function(torch.ops.spcompile.layout_barrier.default, (n,))
     set_meta(n)
     return n
 
 
 def _decay_heads_node(g: fx.Graph, x: fx.Node, dim: int, B) -> fx.Node:
     n = g.call_function(_decay_to_heads, (x, dim, tuple(B)))
+    set_meta(n)
+    n = g.call_function(torch.ops.spcompile.layout_barrier.default, (n,))
     set_meta(n)
     return n
 
