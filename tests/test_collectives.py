@@ -55,6 +55,8 @@ def test_compiled_sp_linear_scan_matches_eager(world):
     if P != 2:
         pytest.skip("checked on 2 ranks")
     _assert_check(world, "compile/aot_eager")
+    if os.environ.get("SPCOMPILE_SLOW_TESTS"):
+        _assert_check(world, "compile/inductor")
 
 
 def test_no_check_raised(world):

@@ -264,11 +264,12 @@ def _ulysses(q, k, v, causal, scale, name, P, enable_gqa):
 
 def _kv_allgather(q, k, v, causal, scale, name, P, enable_gqa):
     if k.shape == v.shape:  # one collective for both
-        kv = gather_sequence(torch.cat([k, v], dim=-1), dim=2, group=name, grad="reduce_scatter")
+        kv = gather_sequence(torch.cat([k, v], dim=-1), dim=2, group=name,
+                             grad="reduce_scatter", label="kv_allgather")
         kf, vf = kv.split(k.shape[-1], dim=-1)
     else:
-        kf = gather_sequence(k, dim=2, group=name, grad="reduce_scatter")
-        vf = gather_sequence(v, dim=2, group=name, grad="reduce_scatter")
+        kf = gather_sequence(k, dim=2, group=name, grad="reduce_scatter", label="kv_allgather")
+        vf = gather_sequence(v, dim=2, group=name, grad="reduce_scatter", label="kv_allgather")
     mask = None
     if causal:
         Tl, T = q.shape[2], kf.shape[2]

@@ -80,57 +80,58 @@ def all_reduce_max(x: Tensor, group: rt.GroupLike = None) -> Tensor:
 # ----------------------------------------------------------------------------- gather / scatter
 
 @torch.library.custom_op("spcompile::gather_sequence", mutates_args=())
-def _gather_sequence(x: Tensor, dim: int, group: str) -> Tensor:
+def _gather_sequence(x: Tensor, dim: int, group: str, label: str) -> Tensor:
+    """All-gather along ``dim``; bytes are counted under ``label`` (the caller's strategy)."""
     pg = rt.resolve_group(group)
     if pg is None or pg.size() == 1:
         return x.clone()
     rt.check_uniform(pg, "gather_sequence", {
         "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
         "dtype": rt.dtype_code(x.dtype)}, hint=" (shard the sequence evenly across ranks)")
-    out, _ = rt.all_gather(x.movedim(dim, 0), pg, "gather_sequence", "gather_sequence")
+    out, _ = rt.all_gather(x.movedim(dim, 0), pg, label, label)
     # [P, T_local, ...] → [P*T_local, ...] → dim back in place
     return out.flatten(0, 1).movedim(0, dim).contiguous()
 
 
 @_gather_sequence.register_fake
-def _(x, dim, group):
+def _(x, dim, group, label):
     shape = list(x.shape)
     shape[dim] *= rt.group_size(group)
     return x.new_empty(shape)
 
 
 @torch.library.custom_op("spcompile::reduce_scatter_sequence", mutates_args=())
-def _reduce_scatter_sequence(x: Tensor, dim: int, group: str) -> Tensor:
+def _reduce_scatter_sequence(x: Tensor, dim: int, group: str, label: str) -> Tensor:
     pg = rt.resolve_group(group)
     if pg is None or pg.size() == 1:
         return x.clone()
     P = pg.size()
     y = x.movedim(dim, 0)
     y = y.reshape((P, y.shape[0] // P) + tuple(y.shape[1:]))
-    out = rt.reduce_scatter(y, pg, "gather_sequence backward", "gather_sequence")
+    out = rt.reduce_scatter(y, pg, f"{label} backward (reduce_scatter)", label)
     return out.movedim(0, dim).contiguous()
 
 
 @_reduce_scatter_sequence.register_fake
-def _(x, dim, group):
+def _(x, dim, group, label):
     shape = list(x.shape)
     shape[dim] //= rt.group_size(group)
     return x.new_empty(shape)
 
 
 def _gs_setup(ctx, inputs, output):
-    x, dim, group = inputs
-    ctx.dim, ctx.group, ctx.T = dim, group, x.shape[dim]
+    x, dim, group, label = inputs
+    ctx.dim, ctx.group, ctx.T, ctx.label = dim, group, x.shape[dim], label
 
 
 @torch.library.custom_op("spcompile::gather_sequence_rs", mutates_args=())
-def _gather_sequence_rs(x: Tensor, dim: int, group: str) -> Tensor:
+def _gather_sequence_rs(x: Tensor, dim: int, group: str, label: str) -> Tensor:
     """Same forward as gather_sequence; its backward is reduce_scatter (see module doc)."""
-    return _gather_sequence(x, dim, group)
+    return _gather_sequence(x, dim, group, label)
 
 
 @_gather_sequence_rs.register_fake
-def _(x, dim, group):
+def _(x, dim, group, label):
     shape = list(x.shape)
     shape[dim] *= rt.group_size(group)
     return x.new_empty(shape)
@@ -138,11 +139,12 @@ def _(x, dim, group):
 
 def _slice_backward(ctx, grad):
     r = rt.group_rank(ctx.group)
-    return grad.narrow(ctx.dim, r * ctx.T, ctx.T).contiguous(), None, None
+    return grad.narrow(ctx.dim, r * ctx.T, ctx.T).contiguous(), None, None, None
 
 
 def _rs_backward(ctx, grad):
-    return _reduce_scatter_sequence(grad.contiguous(), ctx.dim, ctx.group), None, None
+    return (_reduce_scatter_sequence(grad.contiguous(), ctx.dim, ctx.group, ctx.label), None, None,
+            None)
 
 
 _gather_sequence.register_autograd(_slice_backward, setup_context=_gs_setup)
@@ -150,12 +152,13 @@ _gather_sequence_rs.register_autograd(_rs_backward, setup_context=_gs_setup)
 
 
 def gather_sequence(x: Tensor, dim: int = 1, group: rt.GroupLike = None,
-                    grad: str = "slice") -> Tensor:
+                    grad: str = "slice", *, label: str = "gather_sequence") -> Tensor:
     """All-gather the sequence shards along ``dim`` (rank order = sequence order).
 
     ``grad="slice"``: the gradient is replicated (every rank back-propagates the same full-length
     gradient): take this rank's slice. ``grad="reduce_scatter"``: each rank holds a partial
-    gradient of the full sequence: sum over ranks, then slice.
+    gradient of the full sequence: sum over ranks, then slice. ``label``: the traffic
+    counters' strategy name for these bytes.
     """
     if grad not in ("slice", "reduce_scatter"):
         raise ValueError(f"gather_sequence: grad must be 'slice' or 'reduce_scatter', got {grad!r}")
@@ -164,7 +167,7 @@ def gather_sequence(x: Tensor, dim: int = 1, group: rt.GroupLike = None,
         return x
     dim = dim % x.dim()
     op = _gather_sequence if grad == "slice" else _gather_sequence_rs
-    return op(x, dim, name)
+    return op(x, dim, name, label)
 
 
 def shard_sequence(x: Tensor, dim: int = 1, group: rt.GroupLike = None) -> Tensor:
