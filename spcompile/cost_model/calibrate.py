@@ -30,6 +30,7 @@ import numpy as np
 from .profiles import CACHE_PATH, Profile
 
 DEFAULT_SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 19, 1 << 21)   # bytes per rank
+KERNEL_SIZES = ((512, 4, 64), (2048, 4, 64), (4096, 4, 64))   # (T, H, D) of linear_scan runs
 
 
 def fit_alpha_beta(step_bytes: Sequence[float], step_seconds: Sequence[float]
@@ -66,7 +67,8 @@ def _timeit(fn, repeats: int, sync) -> float:
 
 
 def calibrate_in_group(group: Any = None, *, sizes: Sequence[int] = DEFAULT_SIZES,
-                       repeats: int = 10, kernel: bool = True, name: str = "calibrated"
+                       repeats: int = 10, kernel: bool = True, name: str = "calibrated",
+                       kernel_sizes: Sequence[Tuple[int, int, int]] = KERNEL_SIZES
                        ) -> Dict[str, Any]:
     """Measure alpha/beta per collective (and F, M) on the current group; returns profile data.
 
@@ -167,8 +169,8 @@ def calibrate_in_group(group: Any = None, *, sizes: Sequence[int] = DEFAULT_SIZE
     if "alltoall" not in alpha:
         alpha["alltoall"], beta["alltoall"] = alpha["allgather"], beta["allgather"]
         notes.append(f"{backend} has no all_to_all_single here: alltoall copies allgather")
-    flops, mem_bw, kernel_points = _measure_local(device, sync, repeats) if kernel else \
-        (None, None, [])
+    flops, mem_bw, overhead, kernel_points = \
+        _measure_local(device, sync, repeats, kernel_sizes) if kernel else (None, None, 0.0, [])
     data = {
         "name": name,
         "description": (f"measured by spcompile calibrate on {socket.gethostname()} "
@@ -180,27 +182,31 @@ def calibrate_in_group(group: Any = None, *, sizes: Sequence[int] = DEFAULT_SIZE
         "levels": [{"name": backend, "ranks": None, "alpha": alpha, "beta": beta}],
         "measurements": {"world_size": P, "fit_worst_ratio": fit_error,
                          "step_points": {c: pts for c, pts in raw.items()},
-                         "kernel_points": kernel_points},
+                         "kernel_points_flops_seconds": kernel_points,
+                         "kernel_overhead_s": overhead},
     }
     return data
 
 
-def _measure_local(device: Any, sync: Any, repeats: int
-                   ) -> Tuple[float, float, List[Tuple[float, float, float]]]:
-    """(F, M, points): a copy for M, linear_scan runs for F (t = flops/F, least squares)."""
+def _measure_local(device: Any, sync: Any, repeats: int,
+                   kernel_sizes: Sequence[Tuple[int, int, int]] = KERNEL_SIZES
+                   ) -> Tuple[float, float, float, List[Tuple[float, float]]]:
+    """(F, M, per-call overhead, points): a 32 MiB copy gives M; ``linear_scan`` runs (scalar
+    decay, chunk 64) give F as the slope of ``t = t0 + flops / F`` (relative least squares;
+    the intercept absorbs Python/dispatch overhead, which dominates small CPU runs)."""
     import torch
     from spcompile.kernels import linear_scan
 
     from . import formulas as fm
 
-    x = torch.ones(1 << 23, dtype=torch.float32, device=device)   # 32 MiB
+    x = torch.ones(1 << 23, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     t = _timeit(lambda: y.copy_(x), repeats, sync)
     mem_bw = 2 * x.numel() * 4 / t
     local = fm.scan_local_terms("scalar")
     flops_expr = _flops_of(local["state"]) + _flops_of(local["intra"])
     points = []
-    for T, H, D in ((256, 2, 32), (512, 4, 64), (1024, 4, 64)):
+    for T, H, D in kernel_sizes:
         q = torch.randn(1, T, H, D, device=device)
         k = torch.randn(1, T, H, D, device=device)
         v = torch.randn(1, T, H, D, device=device)
@@ -208,11 +214,17 @@ def _measure_local(device: Any, sync: Any, repeats: int
         t = _timeit(lambda: linear_scan(q, k, v, g, chunk_size=64), max(2, repeats // 2), sync)
         vals = {"B": 1, "T": T, "H": H, "d_k": D, "d_v": D, "P": 1, "C": 64}
         flops = float(flops_expr.subs({fm.SYMBOLS[n]: v for n, v in vals.items()}))
-        points.append((float(T * H * D), flops, t))
-    f = np.array([p[1] for p in points])
-    tt = np.array([p[2] for p in points])
-    F = float((f @ f) / (f @ tt))
-    return F, mem_bw, points
+        points.append((flops, t))
+    f = np.array([p[0] for p in points])
+    tt = np.array([p[1] for p in points])
+    if len(points) >= 2:
+        A = np.stack([np.ones_like(f), f], axis=1) / tt[:, None]
+        (t0, inv_f), *_ = np.linalg.lstsq(A, np.ones_like(tt), rcond=None)
+    else:
+        t0, inv_f = 0.0, 0.0
+    if inv_f <= 0:       # no growth visible above the overhead: use the largest run
+        t0, inv_f = 0.0, float(tt[-1] / f[-1])
+    return 1.0 / float(inv_f), mem_bw, max(0.0, float(t0)), points
 
 
 def _flops_of(roof: Any) -> Any:
@@ -246,7 +258,8 @@ def _worker(rank: int, world: int, init_file: str, backend: str, result: str,
 
 def calibrate(nproc: int = 2, out: Union[str, Path, None] = None, *,
               backend: Optional[str] = None, sizes: Sequence[int] = DEFAULT_SIZES,
-              repeats: int = 10, kernel: bool = True) -> Profile:
+              repeats: int = 10, kernel: bool = True,
+              kernel_sizes: Sequence[Tuple[int, int, int]] = KERNEL_SIZES) -> Profile:
     """Spawn ``nproc`` processes, measure, write the profile JSON to ``out`` and return it.
 
     ``backend`` defaults to nccl when CUDA has at least ``nproc`` devices, else gloo; ``out``
@@ -263,7 +276,8 @@ def calibrate(nproc: int = 2, out: Union[str, Path, None] = None, *,
         init_file = os.path.join(tmp, "init")
         result = os.path.join(tmp, "profile.json")
         mp.spawn(_worker, args=(nproc, init_file, backend, result,
-                                {"sizes": tuple(sizes), "repeats": repeats, "kernel": kernel}),
+                                {"sizes": tuple(sizes), "repeats": repeats, "kernel": kernel,
+                                 "kernel_sizes": tuple(kernel_sizes)}),
                  nprocs=nproc, join=True)
         data = json.loads(Path(result).read_text())
     prof = Profile(data, source=str(out_path))

@@ -344,9 +344,9 @@ def fast(expr: sp.Expr) -> Callable[[Mapping[str, float]], float]:
 
 def exact(expr: sp.Expr, values: Mapping[str, float]) -> float:
     """Evaluate with sympy itself (substitute, then evalf) — the slow reference for ``fast``."""
-    subs = {SYMBOLS[n]: sp.nsimplify(v) if isinstance(v, int) else v
+    subs = {SYMBOLS[n]: sp.Integer(v) if float(v).is_integer() else sp.Float(v, 30)
             for n, v in values.items() if n in SYMBOLS}
-    return float(expr.subs(subs).evalf(30))
+    return float(expr.xreplace(subs).evalf(30))
 
 
 def log2_ceil(x: int) -> int:
