@@ -76,3 +76,74 @@ class NoMix(nn.Module):
 
     def forward(self, x):
         return x + self.net(x)
+
+
+def rope(x, positions, base: float = 10000.0):
+    """Rotary embedding on [B, H, T, D] with positions [T] (GPT-NeoX style halves)."""
+    D = x.shape[-1]
+    inv = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    ang = positions.float()[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    rot = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rot * sin
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal softmax attention with RoPE from arange positions (SDPA or the manual form)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, kv_heads: int = 2):
+        super().__init__()
+        self.h, self.hkv, self.dh = heads, kv_heads, d // heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * kv_heads * self.dh)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2, self.hkv, self.dh).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        pos = torch.arange(T, device=x.device)
+        q, k = rope(q, pos), rope(k, pos)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.hkv != self.h)
+        return self.o(o.transpose(1, 2).reshape(B, T, D))
+
+
+class ShortConv(nn.Module):
+    """Mamba-style causal depthwise conv1d (padding k-1, then keep the first T outputs)."""
+
+    def __init__(self, d: int = 16, k: int = 4):
+        super().__init__()
+        self.conv = nn.Conv1d(d, d, k, padding=k - 1, groups=d)
+
+    def forward(self, x):
+        T = x.shape[1]
+        return F.silu(self.conv(x.transpose(1, 2))[..., :T]).transpose(1, 2)
+
+
+class Hybrid(nn.Module):
+    """Linear attention + softmax attention (RoPE, GQA) + causal conv; returns (y, mean loss)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.b1 = Block(LinearAttention(d, spelling="masked_fill"), d)
+        self.conv = ShortConv(d)
+        self.b2 = Block(SoftmaxAttention(d, heads=2, kv_heads=1), d)
+
+    def forward(self, x):
+        y = self.b2(x + self.conv(self.b1(x)))
+        return y, y.square().mean()
+
+
+class Unsupported(nn.Module):
+    """Mixes tokens with an op no pattern covers (flip along the sequence)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h + torch.flip(h, dims=[1]).cumsum(1) * 0.1

@@ -18,7 +18,11 @@ def verify(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             raise AssertionError(f"spcompile verify: {node.name} made by pass {tag['pass']} has "
                                  f"no example value")
     for m in ctx.matches:
-        if m.anchor in gm.graph.nodes and m.anchor.users:
+        if ctx.world_size == 1 or m.anchor not in gm.graph.nodes:
+            continue
+        stale = [u for u in m.anchor.users
+                 if (u.meta.get("spcompile") or {}).get("match") != m.name]
+        if m.kind in ("linear_scan", "attention", "halo") and stale:
             raise AssertionError(f"spcompile verify: {m.name} was rewritten but its anchor "
                                  f"{m.anchor.name} is still used")
     gm.recompile()

@@ -1,6 +1,8 @@
 """Pattern families, in the order detection tries them."""
 from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import MaskedLinearAttention
+from .sequence_ops import (CausalConv1d, CrossEntropy, Positions, SDPAttention, SequenceCumsum,
+                           SequenceReduction, TokenShift)
 
 
 def all_patterns():
@@ -8,6 +10,8 @@ def all_patterns():
     return [cls() for cls in REGISTRY]
 
 
-REGISTRY = [MaskedLinearAttention]
+REGISTRY = [MaskedLinearAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
+            SequenceReduction, CrossEntropy, SequenceCumsum]
+from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 
 __all__ = ["FailedMatch", "Found", "Match", "Pattern", "REGISTRY", "all_patterns"]

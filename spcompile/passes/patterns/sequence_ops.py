@@ -1,0 +1,424 @@
+"""The smaller families: everything else that crosses the sequence axis in model-zoo code.
+
+| family        | what it looks like in user code                          | sharded form            |
+|---------------|----------------------------------------------------------|-------------------------|
+| attention     | ``F.scaled_dot_product_attention`` (causal or not, GQA)  | ``sp_attention``        |
+| causal_conv   | ``conv1d(x, w, padding=k-1)[..., :T]``, ``conv1d(pad(x, (k-1, 0)), w)`` | halo of k-1 tokens |
+| token_shift   | ``F.pad(x, (0, 0, s, -s))`` (RWKV-style shift)           | halo of s tokens        |
+| positions     | ``torch.arange(T)``, ``table[:T]`` (RoPE caches, pe)     | offset by rank·T_local  |
+| reduction     | ``sum``/``mean``/``amax``/``amin`` over the sequence     | local + all-reduce      |
+| cross_entropy | ``F.cross_entropy(logits, target)`` (mean)               | sums + all-reduce       |
+| cumsum        | ``torch.cumsum(x, dim=seq)``                             | local + prefix of totals|
+
+Each ``find`` looks at ops the sequence_axis pass recorded as mixing (or, for positions, at the
+creation ops that read the local length) and checks its preconditions; a near miss says which.
+At P = 1 every family still matches (``explain`` shows it) but there is nothing to rewrite.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ... import ops as spops
+from ..graph_utils import arg, canonical_name, evaluate, set_meta, shape, tensor_val, val
+from ..pipeline import Ctx
+from ..sequence_axis import Replicate, Shard
+from .base import FailedMatch, Found, Match, Pattern
+
+
+def _call(g: fx.Graph, fn, args, kwargs=None) -> fx.Node:
+    n = g.call_function(fn, tuple(args), kwargs or {})
+    set_meta(n)
+    return n
+
+
+def _mixing(ctx: Ctx, *names: str):
+    for node, reason in list(ctx.mixing.items()):
+        if canonical_name(node) in names:
+            yield node, reason
+
+
+def _finish(ctx: Ctx, anchor: fx.Node, new: fx.Node, placement) -> None:
+    new.meta["spcompile_placement"] = placement
+    anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+# ------------------------------------------------------------------ softmax attention
+def _sdpa_sp(q, k, v, causal: bool, scale: Optional[float], enable_gqa: bool, strategy: str,
+             group_name: str):
+    from ...collectives import sp_attention
+    return sp_attention(q, k, v, causal=causal, scale=scale, strategy=strategy,
+                        group=group_name, enable_gqa=enable_gqa)
+
+
+class SDPAttention(Pattern):
+    name = "sdpa"
+    kind = "attention"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl = ctx.placements
+        for node, _ in _mixing(ctx, "sdpa"):
+            q, k, v = node.args[:3]
+            mask = arg(node, 3, "attn_mask")
+            dropout = arg(node, 4, "dropout_p", 0.0)
+            causal = bool(arg(node, 5, "is_causal", False))
+            scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+            gqa = bool(node.kwargs.get("enable_gqa", False))
+            shapes = [shape(x) for x in (q, k, v)]
+            if any(s is None or len(s) != 4 for s in shapes):
+                yield FailedMatch(self.name, node, "attention inputs are not [B, H, T, D]")
+                continue
+            if not all(isinstance(pl.get(x), Shard) and pl.get(x).dim == 2 for x in (q, k, v)):
+                yield FailedMatch(self.name, node, "q, k, v are not sharded on dim -2")
+                continue
+            if dropout:
+                yield FailedMatch(self.name, node, "attention dropout is not supported sharded")
+                continue
+            if mask is not None:
+                m = evaluate(gm, [mask], ctx.example_inputs, ctx.values)[0]
+                T = shapes[0][2]
+                tril = torch.ones(T, T, dtype=torch.bool).tril()
+                if m.dtype == torch.bool and m.shape[-2:] == (T, T) and bool(
+                        (m == tril).all()):
+                    causal = True
+                elif m.dtype != torch.bool and m.shape[-2:] == (T, T) and bool(
+                        (torch.isneginf(m) == ~tril).all()) and bool((m[..., tril] == 0).all()):
+                    causal = True
+                else:
+                    yield FailedMatch(self.name, node, "attention mask is not a causal mask")
+                    continue
+            B, H, T, D = shapes[0]
+            yield Match(self.kind, self.name, node, bindings={"q": q, "k": k, "v": v},
+                        info={"causal": causal, "scale": scale, "gqa": gqa or
+                              shapes[1][1] != H, "B": B, "H": H, "H_kv": shapes[1][1], "D": D})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _sdpa_sp, (m.bindings["q"], m.bindings["k"], m.bindings["v"],
+                                      m.info["causal"], m.info["scale"], m.info["gqa"],
+                                      m.strategy, ctx.group_name))
+        _finish(ctx, m.anchor, out, Shard(2))
+
+
+# ------------------------------------------------------------------ halos
+def _halo(x, width: int, dim: int, group_name: str):
+    from ...collectives import halo_exchange
+    return halo_exchange(x, width, dim=dim, group=group_name)
+
+
+def _causal_conv1d(x, w, b, width: int, stride, dilation, groups: int, group_name: str):
+    """conv1d over [halo | x] with no padding: the causal conv of this rank's tokens."""
+    halo = _halo(x, width, -1, group_name) if group_name else x.new_zeros(
+        *x.shape[:-1], width)
+    return F.conv1d(torch.cat([halo, x], dim=-1), w, b, stride, 0, dilation, groups)
+
+
+def _shift(x, s: int, dim: int, group_name: str):
+    """x shifted by ``s`` along ``dim`` with the previous rank's last ``s`` tokens in front."""
+    halo = _halo(x, s, dim, group_name) if group_name else x.new_zeros(
+        *x.shape[:dim], s, *x.shape[dim + 1:])
+    return torch.cat([halo, x.narrow(dim, 0, x.shape[dim] - s)], dim=dim)
+
+
+def _conv_params(node: fx.Node):
+    stride = arg(node, 3, "stride", 1)
+    padding = arg(node, 4, "padding", 0)
+    dilation = arg(node, 5, "dilation", 1)
+    groups = arg(node, 6, "groups", 1)
+    one = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return one(stride), padding if isinstance(padding, str) else one(padding), one(dilation), groups
+
+
+class CausalConv1d(Pattern):
+    name = "causal_conv1d"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl = ctx.placements
+        for node, _ in _mixing(ctx, "conv1d"):
+            x, w = node.args[0], node.args[1]
+            px = pl.get(x)
+            if not (isinstance(px, Shard) and px.dim == len(shape(x)) - 1):
+                yield FailedMatch(self.name, node, "conv1d input not sharded on its last dim")
+                continue
+            stride, padding, dilation, groups = _conv_params(node)
+            k = shape(w)[-1]
+            width = dilation * (k - 1)
+            T = shape(x)[-1]
+            if stride != 1:
+                yield FailedMatch(self.name, node, "strided convolution along the sequence")
+                continue
+            users = list(node.users)
+            if padding == width and len(users) == 1 and canonical_name(users[0]) == "getitem" \
+                    and self._is_head_slice(users[0], T):
+                yield Match(self.kind, self.name, users[0],
+                            bindings={"x": x, "w": w, "b": arg(node, 2, "bias")},
+                            nodes={node, users[0]},
+                            info={"width": width, "dilation": dilation, "groups": groups,
+                                  "form": "padding=k-1 then [..., :T]"})
+                continue
+            src = x
+            if padding == 0 and canonical_name(src) == "pad":
+                pads = arg(src, 1, "pad")
+                if list(pads[:2]) == [width, 0] and all(p == 0 for p in pads[2:]):
+                    inner = src.args[0]
+                    yield Match(self.kind, self.name, node,
+                                bindings={"x": inner, "w": w, "b": arg(node, 2, "bias")},
+                                nodes={node, src},
+                                info={"width": width, "dilation": dilation, "groups": groups,
+                                      "form": "pad (k-1, 0) then conv"})
+                    continue
+            yield FailedMatch(self.name, node, f"conv1d is not causal (padding={padding}, "
+                                               f"kernel {k}, output not cut to the first T)")
+
+    @staticmethod
+    def _is_head_slice(node: fx.Node, T: int) -> bool:
+        idx = node.args[1]
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        last = idx[-1]
+        if not isinstance(last, slice) or last.step not in (None, 1) or last.start not in (None,
+                                                                                           0):
+            return False
+        rest_ok = all(i is Ellipsis or (isinstance(i, slice) and i == slice(None))
+                      for i in idx[:-1])
+        return rest_ok and last.stop in (T, -(shape(node.args[0])[-1] - T))
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        pl = ctx.placements
+        x = m.bindings["x"]
+        # placements of the pad form: the pad node is mixing, its input is the shard
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        conv = next(n for n in m.nodes if canonical_name(n) == "conv1d")
+        stride, _, dilation, groups = _conv_params(conv)
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _causal_conv1d, (x, m.bindings["w"], m.bindings["b"],
+                                            m.info["width"], stride, dilation, groups,
+                                            ctx.group_name))
+        _finish(ctx, m.anchor, out, Shard(len(shape(out)) - 1))
+
+
+class TokenShift(Pattern):
+    name = "token_shift"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl = ctx.placements
+        for node, _ in _mixing(ctx, "pad"):
+            x = node.args[0]
+            px = pl.get(x)
+            pads = list(arg(node, 1, "pad"))
+            mode = arg(node, 2, "mode", "constant")
+            value = arg(node, 3, "value", None)
+            if not isinstance(px, Shard) or mode != "constant" or value not in (None, 0, 0.0):
+                yield FailedMatch(self.name, node, "pad of a non-sharded value or not zeros")
+                continue
+            nd = len(shape(x))
+            pos = 2 * (nd - 1 - px.dim)
+            if pos + 1 >= len(pads):
+                continue
+            left, right = pads[pos], pads[pos + 1]
+            others = pads[:pos] + pads[pos + 2:]
+            if left > 0 and right == -left and all(p == 0 for p in others):
+                yield Match(self.kind, self.name, node, bindings={"x": x},
+                            info={"shift": left, "dim": px.dim})
+            elif not (left > 0 and right == 0 and any(canonical_name(u) == "conv1d"
+                                                      for u in node.users)):
+                yield FailedMatch(self.name, node, f"padding ({left}, {right}) along the "
+                                                   f"sequence is not a shift")
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                    ctx.group_name))
+        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+# ------------------------------------------------------------------ positions
+class Positions(Pattern):
+    """``arange(T_local)`` and ``table[:T_local]`` mean global positions (DESIGN.md §1)."""
+    name = "positions"
+    kind = "positions"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        T = ctx.seq_len
+        if T is None:
+            return
+        pl = ctx.placements
+        for node in gm.graph.nodes:
+            name = canonical_name(node)
+            if name == "arange":
+                a = [x for x in node.args]
+                start, end, step = (0, a[0], 1) if len(a) == 1 else (
+                    a[0], a[1], a[2] if len(a) > 2 else 1)
+                end = node.kwargs.get("end", end)
+                if start == 0 and end == T and step == 1:
+                    yield Match(self.kind, self.name, node, info={"form": "arange(T)"})
+            elif name == "getitem" and isinstance(pl.get(node.args[0]), Replicate):
+                src = node.args[0]
+                sh = shape(src)
+                idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+                if sh is None or not isinstance(src, fx.Node) or any(i is Ellipsis for i in idx):
+                    continue
+                hits, d = [], 0
+                for i in idx:
+                    if i is None:
+                        continue
+                    if isinstance(i, slice) and i.start in (None, 0) and i.stop == T and \
+                            i.step in (None, 1) and sh[d] > T:
+                        hits.append(d)
+                    d += 1
+                if len(hits) == 1:  # a T×T slice (a mask buffer) is not a position table
+                    yield Match(self.kind, self.name, node,
+                                info={"form": "table[:T]", "dim": hits[0],
+                                      "table_len": sh[hits[0]]})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        T = ctx.seq_len
+        node = m.anchor
+        if m.info["form"] == "arange(T)":
+            with g.inserting_after(node), ctx.provenance(gm, m, node):
+                out = _call(g, spops.global_positions, (node, T, ctx.group_name))
+            _finish(ctx, node, out, Shard(0))
+            return
+        need = T * ctx.world_size
+        if m.info["table_len"] < need:
+            from ..fallback import SequenceParallelError
+            raise SequenceParallelError(
+                f"spcompile: a position table of length {m.info['table_len']} is sliced to the "
+                f"sequence length at {m.source}; the global sequence has {need} tokens. Build "
+                f"the table for at least {need} positions.")
+        src = node.args[0]
+        with g.inserting_before(node), ctx.provenance(gm, m, node):
+            window = _call(g, _rank_window, (src, m.info["dim"], T, ctx.group_name))
+            idx = tuple(slice(None) if isinstance(i, slice) and i.stop == T else i
+                        for i in (node.args[1] if isinstance(node.args[1], tuple)
+                                  else (node.args[1],)))
+            out = _call(g, operator.getitem, (window, idx))
+        _finish(ctx, node, out, Replicate())
+
+
+def _rank_window(table, dim: int, T: int, group_name: str):
+    return table.narrow(dim, spops.sequence_offset(group_name, T), T)
+
+
+# ------------------------------------------------------------------ reductions
+def _global_reduce(x, kind: str, world_size: int, group_name: str):
+    if kind == "sum":
+        return torch.ops.spcompile.allreduce(x, "sum", group_name)
+    if kind == "mean":
+        return torch.ops.spcompile.allreduce(x, "sum", group_name) / world_size
+    if kind == "max":
+        return torch.ops.spcompile.allreduce(x, "max", group_name)
+    return -torch.ops.spcompile.allreduce(-x, "max", group_name)  # min
+
+
+class SequenceReduction(Pattern):
+    name = "reduction"
+    kind = "reduction"
+    KINDS = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min", "max": "max",
+             "min": "min"}
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, reason in _mixing(ctx, *self.KINDS):
+            if isinstance(val(node), tuple):
+                yield FailedMatch(self.name, node, "max/min with indices over the sequence")
+                continue
+            if node.kwargs.get("dtype") is not None:
+                pass
+            yield Match(self.kind, self.name, node, info={"op": self.KINDS[canonical_name(node)]})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_after(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _global_reduce, (m.anchor, m.info["op"], ctx.world_size,
+                                            ctx.group_name))
+        _finish(ctx, m.anchor, out, Replicate())
+        m.anchor.meta["spcompile_placement"] = Replicate()
+
+
+def _global_cross_entropy(logits, target, kwargs: dict, group_name: str):
+    kw = dict(kwargs)
+    ignore = kw.get("ignore_index", -100)
+    kw["reduction"] = "sum"
+    total = F.cross_entropy(logits, target, **kw)
+    if target.dtype.is_floating_point:  # class probabilities: every row counts
+        count = torch.tensor(float(target.numel() // max(target.shape[1] if target.dim() > 1
+                                                          else 1, 1)), device=logits.device)
+    else:
+        count = (target != ignore).sum().to(total.dtype)
+    total = torch.ops.spcompile.allreduce(total, "sum", group_name)
+    count = torch.ops.spcompile.allreduce(count.detach(), "sum", group_name)
+    return total / count
+
+
+class CrossEntropy(Pattern):
+    name = "cross_entropy"
+    kind = "reduction"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, _ in _mixing(ctx, "cross_entropy"):
+            red = node.kwargs.get("reduction", "mean")
+            if red not in ("mean", "sum"):
+                yield FailedMatch(self.name, node, f"reduction={red!r}")
+                continue
+            if node.kwargs.get("weight") is not None or len(node.args) > 2:
+                yield FailedMatch(self.name, node, "class weights are not supported sharded")
+                continue
+            yield Match(self.kind, self.name, node, info={"reduction": red})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        node = m.anchor
+        kw = {k: v for k, v in node.kwargs.items() if k != "reduction"}
+        with g.inserting_before(node), ctx.provenance(gm, m, node):
+            if m.info["reduction"] == "mean":
+                out = _call(g, _global_cross_entropy, (node.args[0], node.args[1], kw,
+                                                       ctx.group_name))
+            else:
+                local = _call(g, F.cross_entropy, (node.args[0], node.args[1]),
+                              dict(kw, reduction="sum"))
+                out = _call(g, _global_reduce, (local, "sum", ctx.world_size, ctx.group_name))
+        _finish(ctx, node, out, Replicate())
+
+
+# ------------------------------------------------------------------ cumsum
+class SequenceCumsum(Pattern):
+    name = "cumsum"
+    kind = "cumsum"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, _ in _mixing(ctx, "cumsum"):
+            if ctx.matches and any(node in m.nodes for m in ctx.matches):
+                continue
+            yield Match(self.kind, self.name, node,
+                        info={"dim": ctx.placements[node].dim if isinstance(
+                            ctx.placements.get(node), Shard) else arg(node, 1, "dim")})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1 or not m.anchor.users:
+            return
+        g = gm.graph
+        node = m.anchor
+        with g.inserting_before(node), ctx.provenance(gm, m, node):
+            out = _call(g, spops.sequence_cumsum, (node.args[0], m.info["dim"], ctx.group_name))
+        _finish(ctx, node, out, Shard(m.info["dim"]))
