@@ -450,6 +450,40 @@ def check_compile(rec: Recorder, r: int, P: int) -> None:
             rec.close(f"compile/{backend}/{nm}", a, b, tol=1e-5)
 
 
+def check_opcheck(rec: Recorder, r: int, P: int) -> None:
+    """torch.library.opcheck (schema, autograd registration, fake, AOT dispatch) on real gloo."""
+    if P != 2:
+        return
+    from torch.library import opcheck
+    from spcompile.collectives import attention, halo, reduce, sp_scan, state_scan
+    name = dist.group.WORLD.group_name
+    gen = torch.Generator().manual_seed(7 + r)
+
+    def rn(*shape, grad=True):
+        return torch.randn(*shape, generator=gen, dtype=DT).requires_grad_(grad)
+
+    q, k, v = rn(1, 8, 2, 4), rn(1, 8, 2, 4), rn(1, 8, 2, 3)
+    cases = {
+        "exclusive_state_scan": (state_scan._exclusive_state_scan,
+                                 (rn(1, 2, 4, 3), -rn(1, 2, 4).abs(), name, "allscan", 2)),
+        "sp_scan_overlap": (sp_scan._sp_scan_overlap,
+                            (q, k, v, -rn(1, 8, 2).abs(), None, rn(1, 2, 4, 3), -rn(1, 2).abs(),
+                             0.5, 4, name, "allgather", 1)),
+        "halo_exchange": (halo._halo_exchange, (rn(2, 5, 3), 2, 1, name)),
+        "all_reduce": (reduce._all_reduce, (rn(3, 4), name, "max")),
+        "gather_sequence_rs": (reduce._gather_sequence_rs, (rn(2, 5, 3), 1, name, "g")),
+        "seq_to_heads": (attention._seq_to_heads, (rn(1, 4, 3, 5), name)),
+        "ring_attention": (attention._ring_attention,
+                           (rn(1, 4, 3, 5), rn(1, 2, 3, 5), rn(1, 2, 3, 5), True, 0.5, name)),
+    }
+    for nm, (op, args) in cases.items():
+        try:
+            res = opcheck(op, args)
+            rec.true(f"opcheck/{nm}", all(v == "SUCCESS" for v in res.values()), str(res))
+        except Exception as e:  # noqa: BLE001 - a failed utility is a failed record
+            rec.true(f"opcheck/{nm}", False, str(e)[-1500:])
+
+
 CHECKS: Dict[str, Callable] = {
     "state_scan": check_state_scan,
     "sp_linear_scan": check_sp_linear_scan,
@@ -458,6 +492,7 @@ CHECKS: Dict[str, Callable] = {
     "reductions": check_reductions,
     "validation": check_validation,
     "compile": check_compile,
+    "opcheck": check_opcheck,
     "timeout": check_timeout,   # last: it leaves two broken groups behind
 }
 

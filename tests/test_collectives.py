@@ -50,6 +50,13 @@ def test_distributed(world, check):
     _assert_check(world, check)
 
 
+def test_opcheck_on_gloo(world):
+    P, _ = world
+    if P != 2:
+        pytest.skip("checked on 2 ranks")
+    _assert_check(world, "opcheck/")
+
+
 def test_compiled_sp_linear_scan_matches_eager(world):
     P, _ = world
     if P != 2:
