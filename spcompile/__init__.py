@@ -15,8 +15,11 @@ from .backend import Options, SPBackend, backend, sp_backend
 from .explain import Report, explain
 from .passes.fallback import SequenceParallelError
 from .kernels import linear_scan
+from .annotations import (DeclarationError, exclude, linear_attention, sequence_input,
+                          ssm_scan)
 from .sequence import gather_sequence, mark_sequence, shard_sequence, sync_gradients
 
-__all__ = ["Options", "Report", "SPBackend", "SequenceParallelError", "backend", "explain",
+__all__ = ["DeclarationError", "exclude", "linear_attention", "sequence_input", "ssm_scan",
+           "Options", "Report", "SPBackend", "SequenceParallelError", "backend", "explain",
            "gather_sequence", "linear_scan", "mark_sequence", "shard_sequence", "sp_backend",
            "sync_gradients", "__version__"]
