@@ -152,7 +152,11 @@ TRITON_CASES = [
     ("vector", 1, 40, 1, 64, 32, "bfloat16", True),
     ("scalar-extreme", 1, 70, 1, 16, 16, "float32", True),
     ("vector-extreme", 1, 36, 1, 16, 16, "float32", True),
+    # the split state recurrence (per-chunk products + elementwise scan), CFG["state"]["SPLIT"]
+    ("scalar-split", 1, 70, 1, 32, 16, "float32", True),
+    ("vector-split", 1, 40, 1, 16, 32, "bfloat16", True),
 ]
+_SPLIT_CFG = '{"state": {"SPLIT": 1, "BK": 16, "BV": 16}}'
 
 
 def _case_id(c) -> str:
@@ -163,8 +167,8 @@ def run_triton_case(case) -> Dict[str, float]:
     """Triton kernels (called directly) vs the reference in fp64: rel errors per output."""
     from spcompile.kernels.linear_scan import triton_impl
     kind, B, T, H, K, V, dt, with_h0 = case
-    extreme = kind.endswith("-extreme")
-    kind = kind.replace("-extreme", "")
+    extreme, split = kind.endswith("-extreme"), kind.endswith("-split")
+    kind = kind.replace("-extreme", "").replace("-split", "")
     inp = make_inputs(kind, B, T, H, K, V, getattr(torch, dt), with_h0, seed=T + K, extreme=extreme)
     scale = K ** -0.5
 
@@ -176,7 +180,16 @@ def run_triton_case(case) -> Dict[str, float]:
         return chunked_linear_scan(up(q), up(k), up(v), up(log_decay), scale, up(initial_state),
                                    16)
 
-    return compare(grads_of(tri, inp), grads_of(ref, inp), floor=1.0 if extreme else 1e-30)
+    old = os.environ.get("SPCOMPILE_TRITON_CFG")
+    if split:
+        os.environ["SPCOMPILE_TRITON_CFG"] = _SPLIT_CFG
+    try:
+        return compare(grads_of(tri, inp), grads_of(ref, inp), floor=1.0 if extreme else 1e-30)
+    finally:
+        if split:
+            os.environ.pop("SPCOMPILE_TRITON_CFG")
+            if old is not None:
+                os.environ["SPCOMPILE_TRITON_CFG"] = old
 
 
 class _TritonFn(torch.autograd.Function):

@@ -6,15 +6,17 @@ Backward: recompute ``h`` (and ``A``) → reverse state-gradient recurrence ``dh
 state) → [vector decay: ``dA``, intra parts of dq/dk] → dv → dq, dk and the decay gradient.
 
 Block sizes: chunk ``BT`` = 64 (the requested chunk size rounded down to a power of two in
-[16, 64]; the result does not depend on it), sub-chunk ``BC`` = 16 for vector decays, ``BK`` /
-``BV`` tiles of at most 64. Any K, V >= 1 work (tiles are masked); K, V in {16..128} are the
-tuned range. ``SPCOMPILE_TRITON_STATE_BV`` overrides the V tile of the two sequential state
-kernels (a tuning knob for benchmarks).
+[16, 64]; the result does not depend on it), sub-chunk ``BC`` = 16 for vector decays; the
+K/V tiles, warps and pipeline stages of each kernel come from ``CFG`` (chosen on an H100, see
+benchmarks/RESULTS.md; ``SPCOMPILE_TRITON_CFG`` = a JSON dict of overrides, e.g.
+``{"state": {"BV": 32, "num_stages": 3}}``, for tuning runs). Any K, V >= 1 work (tiles are
+masked); K, V in {16..128} are the tuned range.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,6 +34,49 @@ from .reference import LOG_DECAY_FLOOR, decay_kind
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BC = 16
+
+# Per kernel: tile caps (BK, BV) and launch options. "state" = the two sequential recurrences
+# (fwd_state, bwd_dstate), "o" = fwd_o, "dv" / "dqk" = the backward tiles.
+# "state" with SPLIT=1 replaces each recurrence by "outer" (per-chunk products, parallel) and an
+# elementwise scan launched with the "state" tiles.
+CFG: Dict[str, Dict[str, int]] = {
+    "state": {"SPLIT": 0, "BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+    "outer": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+    "o": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+    "dv": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+    "dqk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+}
+
+
+def _cfg(name: str) -> Dict[str, int]:
+    """CFG[name] with SPCOMPILE_TRITON_CFG's overrides applied."""
+    c = dict(CFG[name])
+    env = os.environ.get("SPCOMPILE_TRITON_CFG")
+    if env:
+        c.update(json.loads(env).get(name, {}))
+    return c
+
+
+def _split_states(c: "_Cfg", a: Tensor, b: Tensor, gc: Optional[Tensor], s0: Optional[Tensor],
+                  sT: Optional[Tensor], scale: float, reverse: bool) -> Tensor:
+    """Both recurrences in split form: u[n] = per-chunk product (parallel), then a scan in place.
+    Forward (a, b = k, v): slot n = state entering chunk n. Reverse (a, b = q, do): slot n =
+    gradient of the state leaving chunk n."""
+    u = a.new_empty(c.B, c.NT, c.H, c.K, c.V)
+    co = c.cfg["outer"]
+    BK, BV = _tile(c.K, co["BK"]), _tile(c.V, co["BV"])
+    grid = (triton.cdiv(c.K, BK) * triton.cdiv(c.V, BV), c.NT, c.B * c.H)
+    _k.chunk_outer_kernel[grid](a, b, gc, u, scale, c.T, c.NT, c.H, c.K, c.V, c.BT, BK, BV,
+                                c.USE_G, c.USE_GK, not reverse, c.PREC, **_launch(co))
+    grid = (c.NKS, c.NVS, c.B * c.H)
+    _k.state_scan_kernel[grid](u, gc, s0, sT, c.T, c.NT, c.H, c.K, c.V, c.BT, c.BKS, c.BVS,
+                               c.USE_G, c.USE_GK, s0 is not None, sT is not None, reverse,
+                               **_launch(c.cfg["state"]))
+    return u
+
+
+def _launch(c: Dict[str, int]) -> Dict[str, int]:
+    return {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
 
 
 def available(x: Tensor) -> bool:
@@ -67,12 +112,11 @@ class _Cfg:
         self.kind = decay_kind(log_decay)
         self.BT = max(16, min(64, _pow2_floor(chunk_size)))
         self.NT = triton.cdiv(self.T, self.BT)
-        self.BK = _tile(self.K)
-        self.BV = _tile(self.V)
-        self.NK = triton.cdiv(self.K, self.BK)
-        self.NV = triton.cdiv(self.V, self.BV)
-        env_bv = os.environ.get("SPCOMPILE_TRITON_STATE_BV")
-        self.BVS = _tile(self.V, int(env_bv)) if env_bv else self.BV
+        self.BK = _tile(self.K)  # the vector-decay intra kernels
+        self.cfg = {n: _cfg(n) for n in CFG}
+        self.BKS = _tile(self.K, self.cfg["state"]["BK"])
+        self.NKS = triton.cdiv(self.K, self.BKS)
+        self.BVS = _tile(self.V, self.cfg["state"]["BV"])
         self.NVS = triton.cdiv(self.V, self.BVS)
         self.NC = self.BT // _BC
         self.USE_G = self.kind in ("head", "scalar")
@@ -99,12 +143,14 @@ def _cumsum(c: _Cfg, log_decay: Optional[Tensor]) -> Optional[Tensor]:
 
 def _states(c: _Cfg, k: Tensor, v: Tensor, gc: Optional[Tensor], h0: Optional[Tensor],
             store_final: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    h = k.new_empty(c.B, c.NT, c.H, c.K, c.V)
     ht = k.new_empty(c.B, c.H, c.K, c.V, dtype=torch.float32) if store_final else None
-    grid = (c.NK, c.NVS, c.B * c.H)
-    _k.fwd_state_kernel[grid](k, v, gc, h, h0, ht, c.T, c.NT, c.H, c.K, c.V, c.BT, c.BK, c.BVS,
+    if c.cfg["state"].get("SPLIT", 0):
+        return _split_states(c, k, v, gc, h0, ht, 1.0, False), ht
+    h = k.new_empty(c.B, c.NT, c.H, c.K, c.V)
+    grid = (c.NKS, c.NVS, c.B * c.H)
+    _k.fwd_state_kernel[grid](k, v, gc, h, h0, ht, c.T, c.NT, c.H, c.K, c.V, c.BT, c.BKS, c.BVS,
                               c.USE_G, c.USE_GK, h0 is not None, store_final, c.PREC,
-                              num_warps=4, num_stages=2)
+                              **_launch(c.cfg["state"]))
     return h, ht
 
 
@@ -131,9 +177,11 @@ def linear_scan_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]
     h, ht = _states(c, k, v, gc, initial_state, True)
     A = _intra_A(c, q, k, gc) if c.USE_GK else None
     o = torch.empty_like(v)
-    grid = (c.NV, c.NT, c.B * c.H)
-    _k.fwd_o_kernel[grid](q, k, v, h, gc, A, o, scale, c.T, c.NT, c.H, c.K, c.V, c.BT, c.BK,
-                          c.BV, c.USE_G, c.USE_GK, c.PREC, num_warps=4, num_stages=2)
+    co = c.cfg["o"]
+    BK, BV = _tile(c.K, co["BK"]), _tile(c.V, co["BV"])
+    grid = (triton.cdiv(c.V, BV), c.NT, c.B * c.H)
+    _k.fwd_o_kernel[grid](q, k, v, h, gc, A, o, scale, c.T, c.NT, c.H, c.K, c.V, c.BT, BK, BV,
+                          c.USE_G, c.USE_GK, c.PREC, **_launch(co))
     return o, ht
 
 
@@ -152,18 +200,21 @@ def linear_scan_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]
     gc = _cumsum(c, log_decay)
     h, _ = _states(c, k, v, gc, initial_state, False)
 
-    dh = q.new_empty(B, NT, H, K, V)
     dh0 = (torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
            if initial_state is not None else None)
-    _k.bwd_dstate_kernel[(c.NK, c.NVS, B * H)](
-        q, do, gc, dS, dh, dh0, scale, T, NT, H, K, V, c.BT, c.BK, c.BVS, c.USE_G, c.USE_GK,
-        dh0 is not None, c.PREC, num_warps=4, num_stages=2)
+    if c.cfg["state"].get("SPLIT", 0):
+        dh = _split_states(c, q, do, gc, dS, dh0, scale, True)
+    else:
+        dh = q.new_empty(B, NT, H, K, V)
+        _k.bwd_dstate_kernel[(c.NKS, c.NVS, B * H)](
+            q, do, gc, dS, dh, dh0, scale, T, NT, H, K, V, c.BT, c.BKS, c.BVS, c.USE_G,
+            c.USE_GK, dh0 is not None, c.PREC, **_launch(c.cfg["state"]))
 
     A = dqi = dki = None
     if c.USE_GK:
         A = _intra_A(c, q, k, gc)
         dA = q.new_empty(B, T, H, c.BT, dtype=torch.float32)
-        _k.bwd_dA_kernel[(NT, B * H)](v, do, dA, scale, T, H, V, c.BT, c.BV, c.PREC,
+        _k.bwd_dA_kernel[(NT, B * H)](v, do, dA, scale, T, H, V, c.BT, _tile(V), c.PREC,
                                       num_warps=4)
         dqi = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
         dki = torch.empty_like(dqi)
@@ -172,19 +223,24 @@ def linear_scan_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]
             q, k, gc, dA, dqi, dki, T, H, K, c.BT, _BC, BKi, c.NC, c.PREC, num_warps=2)
 
     dv = torch.empty_like(v)
-    _k.bwd_dv_kernel[(c.NV, NT, B * H)](q, k, gc, A, do, dh, dv, scale, T, NT, H, K, V, c.BT,
-                                         c.BK, c.BV, c.USE_G, c.USE_GK, c.PREC, num_warps=4,
-                                         num_stages=2)
+    cv = c.cfg["dv"]
+    BK, BV = _tile(K, cv["BK"]), _tile(V, cv["BV"])
+    _k.bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
+        q, k, gc, A, do, dh, dv, scale, T, NT, H, K, V, c.BT, BK, BV, c.USE_G, c.USE_GK, c.PREC,
+        **_launch(cv))
     dq, dk = torch.empty_like(q), torch.empty_like(k)
+    cq = c.cfg["dqk"]
+    BK, BV = _tile(K, cq["BK"]), _tile(V, cq["BV"])
+    NK = triton.cdiv(K, BK)
     if c.USE_GK:
         dgb = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     elif c.USE_G:
-        dgb = torch.empty(c.NK, B, T, H, device=q.device, dtype=torch.float32)
+        dgb = torch.empty(NK, B, T, H, device=q.device, dtype=torch.float32)
     else:
         dgb = None
-    _k.bwd_dqk_kernel[(c.NK, NT, B * H)](q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dgb, scale,
-                                          T, NT, H, K, V, c.BT, c.BK, c.BV, c.USE_G, c.USE_GK,
-                                          c.PREC, num_warps=4, num_stages=2)
+    _k.bwd_dqk_kernel[(NK, NT, B * H)](q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dgb, scale,
+                                        T, NT, H, K, V, c.BT, BK, BV, c.USE_G, c.USE_GK, c.PREC,
+                                        **_launch(cq))
     dg = None
     if log_decay is not None:
         if c.USE_G:

@@ -567,3 +567,92 @@ def bwd_dqk_kernel(q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dg, scale, T, NT,
         BT, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=mp_dq)
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=mp_dk)
+
+
+# ---- split state recurrence: a parallel per-chunk product, then an elementwise scan ----------
+# The sequential kernels above do a dot product per step; when B·H is small they are bound by
+# the latency of that chain. The split form moves every dot product into a kernel parallel over
+# chunks and leaves only a load-FMA-store per step to the scan (CFG["state"]["SPLIT"] = 1).
+
+
+@triton.jit(do_not_specialize=['T', 'NT'])
+def chunk_outer_kernel(a, b, gc, u, scale, T, NT, H: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       USE_G: tl.constexpr, USE_GK: tl.constexpr, TO_END: tl.constexpr,
+                       PREC: tl.constexpr):
+    """u[b, n, h] = (a ⊙ w)ᵀ b over chunk n: w = e^{G-b} (TO_END: k, v → the chunk's own state
+    contribution) or scale · e^{b} (q, do → the chunk's state-gradient contribution)."""
+    i_kv, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NV = tl.cdiv(V, BV)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    last = tl.minimum(i_t * BT + BT, T) - 1
+    p_a, mp_a = _tile_ptr(a + (i_b * T * H + i_h) * K, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
+    p_b, mp_b = _tile_ptr(b + (i_b * T * H + i_h) * V, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+    # [BK, BT]
+    b_a = tl.load(p_a, mask=mp_a, other=0.)
+    # [BT, BV]
+    b_b = tl.load(p_b, mask=mp_b, other=0.)
+    if USE_G:
+        b_g = tl.load(gc + (i_b * T + o_t) * H + i_h, mask=m_t, other=0.)
+        if TO_END:
+            b_gl = tl.load(gc + (i_b * T + last) * H + i_h)
+            b_w = tl.exp(tl.where(m_t, b_gl - b_g, 0.))
+        else:
+            b_w = tl.exp(b_g) * scale
+        b_a = (b_a.to(tl.float32) * b_w[None, :]).to(b_a.dtype)
+    elif USE_GK:
+        p_gk, mp_gk = _tile_ptr(gc + (i_b * T * H + i_h) * K, i_k * BK, i_t * BT, K, T, 1, H * K,
+                                BK, BT)
+        b_gk = tl.load(p_gk, mask=mp_gk, other=0.)
+        if TO_END:
+            b_gkl = tl.load(gc + ((i_b * T + last) * H + i_h) * K + o_k, mask=o_k < K, other=0.)
+            b_w = tl.exp(tl.where(m_t[None, :], b_gkl[:, None] - b_gk, 0.))
+        else:
+            b_w = tl.exp(b_gk) * scale
+        b_a = (b_a.to(tl.float32) * b_w).to(b_a.dtype)
+    elif not TO_END:
+        b_a = (b_a.to(tl.float32) * scale).to(b_a.dtype)
+    b_u = _dot(b_a, b_b, PREC)
+    p_u, mp_u = _tile_ptr(u + ((i_b * NT + i_t) * H + i_h) * K * V, i_k * BK, i_v * BV, K, V, V, 1,
+                          BK, BV)
+    tl.store(p_u, b_u.to(p_u.dtype.element_ty), mask=mp_u)
+
+
+@triton.jit(do_not_specialize=['T', 'NT'])
+def state_scan_kernel(u, gc, s0, sT, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                      USE_GK: tl.constexpr, USE_S0: tl.constexpr, STORE_ST: tl.constexpr,
+                      REVERSE: tl.constexpr):
+    """In place over u [B, NT, H, K, V]: slot n holds chunk n's contribution on entry and the
+    running state on exit. Forward: s_n = state entering chunk n, s_{n+1} = e^{G_n} s_n + u_n.
+    REVERSE: slot n = gradient of the state leaving chunk n, ds_{n-1} = e^{G_n} ds_n + u_n."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = i_k * BK + tl.arange(0, BK)
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_S0:
+        p_s0, mp_s0 = _tile_ptr(s0 + i_bh * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        b_s += tl.load(p_s0, mask=mp_s0, other=0.).to(tl.float32)
+    for i_r in range(NT):
+        if REVERSE:
+            i_t = NT - 1 - i_r
+        else:
+            i_t = i_r
+        p_u, mp_u = _tile_ptr(u + ((i_b * NT + i_t) * H + i_h) * K * V, i_k * BK, i_v * BV, K, V,
+                              V, 1, BK, BV)
+        b_u = tl.load(p_u, mask=mp_u, other=0.).to(tl.float32)
+        tl.store(p_u, b_s.to(p_u.dtype.element_ty), mask=mp_u)
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        if USE_G:
+            b_s *= tl.exp(tl.load(gc + (i_b * T + last) * H + i_h))
+        if USE_GK:
+            b_gkl = tl.load(gc + ((i_b * T + last) * H + i_h) * K + o_k, mask=o_k < K, other=0.)
+            b_s *= tl.exp(b_gkl)[:, None]
+        b_s += b_u
+    if STORE_ST:
+        p_st, mp_st = _tile_ptr(sT + i_bh * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        tl.store(p_st, b_s.to(p_st.dtype.element_ty), mask=mp_st)
