@@ -12,8 +12,8 @@ from typing import Optional
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["all_gather_single", "reduce_scatter_single", "all_to_all_single", "resolve_process_group",
-           "global_rank", "timedelta", "dist_available"]
+__all__ = ["all_gather_single", "reduce_scatter_single", "all_to_all_single",
+           "resolve_process_group", "global_rank", "timedelta", "dist_available"]
 
 
 def dist_available() -> bool:

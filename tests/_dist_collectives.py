@@ -138,7 +138,7 @@ def check_state_scan(rec: Recorder, r: int, P: int) -> None:
                 na = 0 if a_full is None else a_full[r].numel() * 8
                 if strategy == "allgather":
                     want = (2 * (P - 1) * (nS + na), 2 * (P - 1) * (nS + na))
-                else:  # fwd chain r-1 → r → r+1, bwd chain r+1 → r → r-1: one state each way
+                else:  # fwd chain r-1 → r → r+1, bwd r+1 → r → r-1: one state each way
                     sent = (nS if r < P - 1 else 0) + (nS if r > 0 else 0)
                     want = (sent, sent)
                 got = t.by_strategy.get(strategy, (0, 0))
@@ -287,7 +287,7 @@ def check_attention(rec: Recorder, r: int, P: int) -> None:
                     want = 2 * (P - 1) * (nk + nv)
                 elif strategy == "ring_attention":  # K,V: P-1 hops fwd and bwd; dK,dV: P hops
                     want = 2 * (P - 1) * (nk + nv) + P * (nk + nv)
-                else:  # four all_to_alls each way (q, k, v → heads; o → sequence), K/V replicated
+                else:  # 4 all_to_alls each way (q, k, v → heads; o → sequence), K/V replicated
                     rep = 1 if Hkv % P == 0 else next(f for f in range(1, Hq // Hkv + 1)
                                                       if (Hkv * f) % P == 0)
                     n = mine[0].numel() * 8 + rep * (nk + nv) + os_.numel() * 8

@@ -65,7 +65,7 @@ def _check(pg, what, q, k, v):
         **{f"q dim {i}": s for i, s in enumerate(q.shape)},
         **{f"k dim {i}": s for i, s in enumerate(k.shape)},
         **{f"v dim {i}": s for i, s in enumerate(v.shape)},
-        "dtype": rt.dtype_code(q.dtype)}, hint=" (shard the sequence evenly across ranks)")
+        "dtype": rt.dtype_code(q.dtype)}, hint=" (shard the sequence evenly across ranks)", like=q)
 
 
 # --------------------------------------------------------------------------------- ring attention
@@ -205,7 +205,7 @@ def _seq_to_heads(x: Tensor, group: str) -> Tensor:
     pg = rt.resolve_group(group)
     rt.check_uniform(pg, "sp_attention(ulysses)", {
         **{f"dim {i}": s for i, s in enumerate(x.shape)}, "dtype": rt.dtype_code(x.dtype)},
-        hint=" (shard the sequence evenly across ranks)")
+        hint=" (shard the sequence evenly across ranks)", like=x)
     return _seq_to_heads_impl(x, pg, "sp_attention(ulysses) all_to_all")
 
 

@@ -36,7 +36,7 @@ def _halo_exchange(x: Tensor, width: int, dim: int, group: str) -> Tensor:
     rt.check_uniform(pg, "halo_exchange", {
         "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
         "dtype": rt.dtype_code(x.dtype), "width": width},
-        hint=" (shard the sequence evenly and use one halo width)")
+        hint=" (shard the sequence evenly and use one halo width)", like=x)
     r = pg.rank()
     return _exchange(x.narrow(dim, L - width, width), shape, pg, r + 1, r - 1, "halo_exchange")
 

@@ -34,7 +34,7 @@ def _all_reduce(x: Tensor, group: str, op: str) -> Tensor:
     if pg is None or pg.size() == 1:
         return x.clone()
     rt.check_uniform(pg, f"all_reduce_{op}", {"numel": x.numel(), "dtype": rt.dtype_code(x.dtype),
-                                               "ndim": x.dim()})
+                                               "ndim": x.dim()}, like=x)
     return rt.all_reduce(x, op, pg, f"all_reduce_{op}", f"all_reduce_{op}").view(x.shape)
 
 
@@ -87,7 +87,8 @@ def _gather_sequence(x: Tensor, dim: int, group: str, label: str) -> Tensor:
         return x.clone()
     rt.check_uniform(pg, "gather_sequence", {
         "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
-        "dtype": rt.dtype_code(x.dtype)}, hint=" (shard the sequence evenly across ranks)")
+        "dtype": rt.dtype_code(x.dtype)}, hint=" (shard the sequence evenly across ranks)",
+        like=x)
     out, _ = rt.all_gather(x.movedim(dim, 0), pg, label, label)
     # [P, T_local, ...] → [P*T_local, ...] → dim back in place
     return out.flatten(0, 1).movedim(0, dim).contiguous()

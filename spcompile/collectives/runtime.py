@@ -109,7 +109,7 @@ _active_lock = threading.Lock()
 
 @contextmanager
 def count_traffic() -> Iterator[Traffic]:
-    """``with count_traffic() as t: ...`` → ``t.sent_bytes``, ``t.recv_bytes``, ``t.by_strategy``."""
+    """``with count_traffic() as t: ...`` → t.sent_bytes, t.recv_bytes, t.by_strategy."""
     t = Traffic()
     with _active_lock:
         _active.append(t)
@@ -198,17 +198,18 @@ def dtype_code(dt: torch.dtype) -> int:
 
 
 def check_uniform(pg: Optional[ProcessGroup], what: str, fields: Dict[str, int],
-                  hint: str = "") -> None:
+                  hint: str = "", like: Optional[Tensor] = None) -> None:
     """Raise the same ValueError on every rank unless each field is equal across ranks.
 
     ``fields`` maps a readable name ("local length T", "dtype", ...) to an int. One small
-    all_gather (counted under "validate"); skipped when validation is off or P = 1.
+    all_gather (counted under "validate") on ``like``'s device (NCCL needs CUDA tensors);
+    skipped when validation is off or P = 1.
     """
     if pg is None or pg.size() == 1 or not validation_enabled():
         return
     names = list(fields)
-    mine = torch.tensor([fields[n] for n in names], dtype=torch.int64)
-    P = pg.size()
+    mine = torch.tensor([fields[n] for n in names], dtype=torch.int64,
+                        device=None if like is None else like.device)
     table, _ = all_gather(mine, pg, f"{what} (input check)", "validate")
     for i, n in enumerate(names):
         col = table[:, i].tolist()

@@ -82,7 +82,8 @@ def _sp_scan_overlap(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor
         "batch B": B, "local length T": T, "heads H": H, "key dim K": K, "value dim V": v.shape[-1],
         "dtype": rt.dtype_code(q.dtype),
         "log_decay kind": ["none", "head", "scalar", "vector"].index(decay_kind(log_decay))},
-        hint=" (shard the sequence evenly: its length must be divisible by the group size)")
+        hint=" (shard the sequence evenly: its length must be divisible by the group size)",
+        like=q)
     pending = start_scan(state.contiguous(), total_decay, pg, strategy, blocks,
                          what="sp_linear_scan state hand-off")
     o_loc, _ = _lin_scan_op()(q, k, v, log_decay, initial_state, scale, chunk_size)

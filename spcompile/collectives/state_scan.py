@@ -51,7 +51,7 @@ def apply_decay(x: Tensor, a: Optional[Tensor]) -> Tensor:
 
 
 def decay_grad(D: Tensor, a: Optional[Tensor], incoming: Tensor) -> Optional[Tensor]:
-    """``dL/da`` of ``e^a ⊙ I + S`` given ``D = dL/d(out)``: reduce ``D ⊙ e^a ⊙ I`` to a's shape."""
+    """dL/da of ``e^a ⊙ I + S`` given D = dL/d(out): ``D ⊙ e^a ⊙ I`` reduced to a's shape."""
     if a is None:
         return None
     prod = apply_decay(D * incoming, a)
@@ -85,13 +85,15 @@ def _check_inputs(state: Tensor, a: Optional[Tensor], strategy: str) -> None:
 class _Pending:
     """Result of a started scan: ``result()`` waits (bounded by the timeout) and returns it."""
 
-    def __init__(self, fn=None, thread_fn=None):
+    def __init__(self, fn=None, thread_fn=None, device: Optional[torch.device] = None):
         self._fn = fn
         self._box = {}
         self._thread = None
         if thread_fn is not None:
             def run():
                 try:
+                    if device is not None and device.type == "cuda":
+                        torch.cuda.set_device(device)  # a new thread starts on device 0
                     self._box["out"] = thread_fn()
                 except BaseException as e:  # noqa: BLE001 - re-raised by result()
                     self._box["err"] = e
@@ -120,8 +122,8 @@ def _scan_chain(x: Tensor, a: Optional[Tensor], pg: ProcessGroup, n_blocks: int,
     P, r = pg.size(), pg.rank()
     pos, pred, succ = _chain_order(P, reverse)
     K = x.shape[-2]
-    bounds = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(K).tensor_split(max(1, min(n_blocks, K)))
-              if len(b)]
+    splits = torch.arange(K).tensor_split(max(1, min(n_blocks, K)))
+    bounds = [(int(b[0]), int(b[-1]) + 1) for b in splits if len(b)]
     incoming = torch.zeros_like(x)
     # Blocks are received into their own contiguous buffers (K-slices of [B,H,K,V] are strided).
     bufs = [x.new_empty(x.shape[:-2] + (k1 - k0, x.shape[-1])) for k0, k1 in bounds]
@@ -170,7 +172,8 @@ def start_scan(x: Tensor, a: Optional[Tensor], pg: ProcessGroup, strategy: str, 
             return _fold_gathered(xs, as_, r, reverse)
         return _Pending(fn=finish)
     n_blocks = 1 if strategy == "ring" else blocks
-    return _Pending(thread_fn=lambda: _scan_chain(x, a, pg, n_blocks, reverse, label, what))
+    return _Pending(thread_fn=lambda: _scan_chain(x, a, pg, n_blocks, reverse, label, what),
+                    device=x.device)
 
 
 def run_scan(x, a, pg, strategy, blocks, reverse=False, what="exclusive_state_scan") -> Tensor:
@@ -193,7 +196,7 @@ def _exclusive_state_scan(state: Tensor, log_decay: Optional[Tensor], group: str
     rt.check_uniform(pg, "exclusive_state_scan", {
         "state shape B": B, "state shape H": H, "state shape K": K, "state shape V": V,
         "dtype": rt.dtype_code(state.dtype),
-        "log_decay rank": -1 if log_decay is None else log_decay.dim()})
+        "log_decay rank": -1 if log_decay is None else log_decay.dim()}, like=state)
     return run_scan(state.contiguous(), log_decay, pg, strategy, blocks)
 
 
