@@ -4,7 +4,9 @@
 
 For each world size, state size ``[B, H, K, V]`` fp32 and strategy, every rank runs
 ``exclusive_state_scan`` forward, then forward + backward, ``iters`` times after a warm-up, with
-a barrier before each call. A call's time is the slowest rank's; the table shows the median over
+a barrier before each call. Then the whole ``sp_linear_scan`` (q, k, v ``[1, 1024, 4, 64]`` per
+rank, scalar decay) per strategy, beside the local ``linear_scan`` alone: the difference is
+what the hand-off adds once it overlaps the local scan. A call's time is the slowest rank's; the table shows the median over
 calls in milliseconds, and the bytes one rank sent/received per forward (the maximum over ranks,
 from ``count_traffic``). The cross-rank input check is switched off (it is one extra small
 all_gather per call, measured separately in the "validate" row). This is a benchmark, not a
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 SIZES = [(1, 4, 32, 32), (1, 8, 64, 64), (1, 16, 128, 128), (4, 16, 128, 128)]
 CASES = [("allgather", None), ("ring", None), ("allscan", 4), ("allscan", 16)]
+SCAN_SHAPE = (1, 1024, 4, 64)  # sp_linear_scan rows: q, k, v [B, T_local, H, K=V]
 
 
 def _port() -> int:
@@ -79,6 +82,35 @@ def _worker(rank: int, world: int, port: int, iters: int, path: str) -> None:
             tb = _time_calls(fwd_bwd, max(3, iters // 2))
             rows.append(dict(shape=shape, strategy=strategy, blocks=blocks, fwd=tf, fwd_bwd=tb,
                              sent=t.sent_bytes, recv=t.recv_bytes))
+    # the whole sp_linear_scan (hand-off overlapped with the local scan) vs the local scan alone
+    from spcompile.kernels.linear_scan import linear_scan
+    B, T, H, K = SCAN_SHAPE
+    q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+    g = -torch.rand(B, T, H) * 0.1
+    cases = [("local linear_scan", None)] + [(s, None) for s in ("allgather", "ring")] + \
+        [("allscan", 4)]
+    for strategy, blocks in cases:
+        def fwd():
+            if strategy == "local linear_scan":
+                return linear_scan(q, k, v, g, output_final_state=True)
+            return C.sp_linear_scan(q, k, v, g, output_final_state=True, strategy=strategy,
+                                    group=pg, blocks=blocks)
+
+        def fwd_bwd():
+            ins = [x.clone().requires_grad_() for x in (q, k, v, g)]
+            if strategy == "local linear_scan":
+                o, st = linear_scan(*ins, output_final_state=True)
+            else:
+                o, st = C.sp_linear_scan(*ins, output_final_state=True, strategy=strategy,
+                                         group=pg, blocks=blocks)
+            (o.sum() + st.sum()).backward()
+
+        with C.count_traffic() as t:
+            fwd()
+        rows.append(dict(shape=(B, T, H, K), strategy="sp_linear_scan " + strategy,
+                         blocks=blocks, fwd=_time_calls(fwd, max(3, iters // 2)),
+                         fwd_bwd=_time_calls(fwd_bwd, max(3, iters // 4)),
+                         sent=t.sent_bytes, recv=t.recv_bytes))
     # the validation round trip alone (one small all_gather)
     C.set_validation(True)
     from spcompile.collectives import runtime as rt
@@ -94,8 +126,7 @@ def _worker(rank: int, world: int, port: int, iters: int, path: str) -> None:
             merged.append(dict(
                 P=world, shape=list(row["shape"]), strategy=row["strategy"],
                 blocks=row["blocks"],
-                state_bytes=4 * int(torch.tensor(row["shape"]).prod()) if row["shape"] != (0,)
-                else 0,
+                state_bytes=_state_bytes(row),
                 fwd_ms=1e3 * statistics.median(max(p["fwd"][j] for p in per)
                                                for j in range(len(row["fwd"]))),
                 fwd_bwd_ms=1e3 * statistics.median(max(p["fwd_bwd"][j] for p in per)
@@ -105,6 +136,15 @@ def _worker(rank: int, world: int, port: int, iters: int, path: str) -> None:
             json.dump(merged, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _state_bytes(row) -> int:
+    if row["strategy"] == "validate":
+        return 0
+    shape = row["shape"]
+    if row["strategy"].startswith("sp_linear_scan"):  # [B, T, H, K]: the state is [B, H, K, K]
+        shape = (shape[0], shape[2], shape[3], shape[3])
+    return 4 * int(torch.tensor(shape).prod())
 
 
 def run(world: int, iters: int):
@@ -134,14 +174,14 @@ def main() -> None:
         rows += run(P, args.iters)
     print(f"exclusive_state_scan on gloo, torch {torch.__version__}, {os.cpu_count()} CPUs; "
           f"median ms of the slowest rank; bytes per rank per forward (max over ranks)")
-    hdr = f"{'P':>2} {'state [B,H,K,V]':>18} {'size':>9} {'strategy':>12} {'fwd ms':>8} " \
+    hdr = f"{'P':>2} {'shape':>18} {'state':>9} {'strategy':>28} {'fwd ms':>8} " \
           f"{'fwd+bwd ms':>10} {'sent':>10} {'recv':>10}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         name = r["strategy"] + (f"/{r['blocks']}" if r["blocks"] else "")
         shape = "-" if r["strategy"] == "validate" else str(r["shape"]).replace(" ", "")
-        print(f"{r['P']:>2} {shape:>18} {_fmt_bytes(r['state_bytes']):>9} {name:>12} "
+        print(f"{r['P']:>2} {shape:>18} {_fmt_bytes(r['state_bytes']):>9} {name:>28} "
               f"{r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>10.3f} {_fmt_bytes(r['sent_max']):>10} "
               f"{_fmt_bytes(r['recv_max']):>10}")
     if args.json:
