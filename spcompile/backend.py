@@ -83,6 +83,12 @@ class Options:
         if isinstance(self.disable, str):
             self.disable = (self.disable,)
         self.disable = tuple(self.disable)
+        from .passes.pipeline import pipeline
+        names = [p.name for p in pipeline()]
+        unknown = sorted(set(self.disable) - set(names))
+        if unknown:
+            raise ValueError(f"spcompile: unknown pass name(s) in disable={unknown}; the passes "
+                             f"are {names}")
 
 
 def resolve_group(group: Any) -> Tuple[str, int, int]:

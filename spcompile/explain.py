@@ -25,6 +25,7 @@ class MatchRow:
     detail: str
     reason: str = ""
     alternatives: List[Any] = field(default_factory=list)
+    info: Dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.kind:<12} {self.pattern:<26} {self.strategy:<14} {self.source or '?'}"
@@ -46,7 +47,10 @@ class Report:
     def from_ctx(cls, ctx, gm: fx.GraphModule) -> "Report":
         from .passes.pipeline import op_counts
         rows = [MatchRow(m.kind, m.pattern, m.strategy or "?", m.source, m.describe(), m.reason,
-                         list(m.alternatives)) for m in ctx.matches]
+                         list(m.alternatives),
+                         {k: v for k, v in m.info.items()
+                          if not k.startswith("_") and k != "log_decay_value"})
+                for m in ctx.matches]
         recs = list(ctx.records)
         return cls(matches=rows, near_misses=list(ctx.near_misses), fallbacks=list(ctx.fallbacks),
                    notes=list(ctx.notes), records=recs, world_size=ctx.world_size,

@@ -72,7 +72,7 @@ def check_masked_strategies(rank, P, rec):
 
 
 def check_spellings(rank, P, rec):
-    for sp in ("einsum", "buffer", "masked_fill", "where"):
+    for sp in ("buffer", "where"):
         compare_sharded(rank, P, rec, f"spelling {sp}", lambda: two_layer(sp))
 
 
@@ -116,3 +116,9 @@ def check_fallback(rank, P, rec):
         rec.true("strict refuses flip", False, "no error raised")
     except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
         rec.true("strict refuses flip", "flip" in str(e) and "strict" in str(e), str(e)[:300])
+
+
+def check_allscan(rank, P, rec):
+    be = compare_sharded(rank, P, rec, "masked/allscan", lambda: two_layer("mul"),
+                         strategy="allscan")
+    rec.true("masked/allscan: no fallback", _fallbacks(be) == 0)

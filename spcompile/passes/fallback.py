@@ -45,7 +45,9 @@ class Fallback:
         return f"{self.op} ({self.reason}) at {self.source or '?'}: {self.action}"
 
 
-def _first_mixing(gm: fx.GraphModule, pl) -> Optional[fx.Node]:
+def _first_mixing(gm: fx.GraphModule, ctx: Ctx) -> Optional[fx.Node]:
+    """The first op (graph order) that still mixes tokens, or a partial sum that is used."""
+    pl = ctx.placements
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -53,8 +55,7 @@ def _first_mixing(gm: fx.GraphModule, pl) -> Optional[fx.Node]:
         if isinstance(p, Partial) and any(not isinstance(pl.get(u), Partial) or u.op == "output"
                                           for u in node.users):
             return node
-        if isinstance(p, Mixing) and not any(isinstance(pl.get(a), Mixing)
-                                             for a in node.all_input_nodes):
+        if node in ctx.mixing and node.users:
             return node
     return None
 
@@ -193,14 +194,13 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         return gm
     for _ in range(1000):
         pl = analyze(gm, ctx)
-        node = _first_mixing(gm, pl)
+        node = _first_mixing(gm, ctx)
         if node is None:
             break
-        p = pl[node]
-        if isinstance(p, Partial):
+        if isinstance(pl[node], Partial):
             _allreduce_partial(gm, ctx, node)
         else:
-            _gather_around(gm, ctx, node, p.reason)
+            _gather_around(gm, ctx, node, ctx.mixing[node])
     gm.graph.lint()
     pl = analyze(gm, ctx)
     _wrap_replicated_outputs(gm, ctx)

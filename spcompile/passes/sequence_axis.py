@@ -564,6 +564,8 @@ def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard) -> Placement:
         nxt = acc * s
         if acc == pre and s == T:
             return Shard(j, p.merged)
+        if s == 1:  # unit dims move nothing
+            continue
         if acc == pre and s < T and T % s == 0:
             k, prod = j, 1
             while k < len(osh) and prod < T:

@@ -40,7 +40,8 @@ class Match:
         return source_line(self.anchor)
 
     def describe(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.info.items() if k not in ("log_decay_value",))
+        extra = ", ".join(f"{k}={v}" for k, v in self.info.items()
+                          if k != "log_decay_value" and not k.startswith("_"))
         return f"{self.kind} [{self.pattern}] {extra}"
 
 
