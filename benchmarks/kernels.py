@@ -196,18 +196,24 @@ SWEEP: Dict[str, List[Dict[str, int]]] = {
 }
 
 
+# --quick: the subset of SWEEP tried (indices)
+QUICK = {"state": (0, 2, 6, 7, 9), "outer": (0, 1), "o": (0, 4, 5), "dv": (0, 3), "dqk": (0, 4)}
+
+
 def run_sweep(args) -> Dict:
     """Greedy launch-config search (state → outer → o → dv → dqk) on the scalar-decay op at the largest
     T; each group keeps its fastest config (forward time for state/o, fwd+bwd for dv/dqk)."""
     from spcompile.kernels.linear_scan import triton_impl as ti
     inputs = make("scalar", 1, max(args.T), args.H, args.D, args.D, torch.bfloat16, args.device)
     chosen = {}
+    sweep = SWEEP if not args.quick else {n: [c for i, c in enumerate(v) if i in QUICK[n]]
+                                          for n, v in SWEEP.items()}
     for name, fb in (("state", False), ("outer", False), ("o", False), ("dv", True),
                      ("dqk", True)):
         if name == "outer" and not ti.CFG["state"].get("SPLIT"):
             continue
         best = None
-        for cfg in SWEEP[name]:
+        for cfg in sweep[name]:
             ti.CFG[name] = dict(cfg)
             try:
                 ms = bench(sp_fn, inputs, fb, rep=40)
@@ -266,6 +272,8 @@ def run_check(args) -> bool:
         cases = [(torch.bfloat16, kd, 1, 1000, 16, 128) for kd in KINDS]
         cases += [(torch.bfloat16, kd, 2, 77, 2, 64) for kd in ("none", "vector")]
         cases += [(torch.float32, kd, 1, 333, 16, 128) for kd in ("none", "scalar", "vector")]
+        if args.quick:
+            cases = cases[:4] + cases[5:6] + cases[-1:]
     else:
         cases = [(dt, kd, 1, 70, 1, 32) for dt in (torch.float32, torch.bfloat16) for kd in KINDS]
     ok = True
@@ -291,6 +299,8 @@ def main() -> None:
     ap.add_argument("--jsonl", default=None, help="append one JSON line per case to this file")
     ap.add_argument("--sweep", action="store_true",
                     help="pick launch configs by timing (before --check and the benchmark)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer sweep configs and check cases (short device leases)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny CPU run of this script's plumbing (needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
