@@ -4,7 +4,10 @@ Two parts:
 
 * :func:`calibrate_in_group` runs inside an initialised process group (every rank calls it) and
   times the collectives the strategies use — send/recv ping-pong, ``all_gather_into_tensor``,
-  ``all_reduce``, ``all_to_all_single`` — at several message sizes.  Each timing is divided by
+  ``all_reduce``, ``all_to_all_single`` — at several message sizes; when
+  ``spcompile.collectives`` is importable, the ``p2p`` and ``allgather`` links are then refitted
+  on the hand-off ops themselves (``exclusive_state_scan`` ring / allgather, modelled local work
+  subtracted), because on CPU their per-call software cost is several times gloo's latency.  Each timing is divided by
   the step count of its alpha-beta model (formulas.py), so one least-squares line
   ``t_step = alpha + bytes_step / beta`` per collective gives alpha and beta.  It also times a
   large copy (memory bandwidth M) and ``spcompile.kernels.linear_scan`` at a few sizes; F is the
@@ -68,8 +71,8 @@ def _timeit(fn, repeats: int, sync) -> float:
 
 def calibrate_in_group(group: Any = None, *, sizes: Sequence[int] = DEFAULT_SIZES,
                        repeats: int = 10, kernel: bool = True, name: str = "calibrated",
-                       kernel_sizes: Sequence[Tuple[int, int, int]] = KERNEL_SIZES
-                       ) -> Dict[str, Any]:
+                       kernel_sizes: Sequence[Tuple[int, int, int]] = KERNEL_SIZES,
+                       handoff: bool = True) -> Dict[str, Any]:
     """Measure alpha/beta per collective (and F, M) on the current group; returns profile data.
 
     Every rank of ``group`` must call this.  Each timing is the best of ``repeats`` and the
@@ -157,20 +160,29 @@ def calibrate_in_group(group: Any = None, *, sizes: Sequence[int] = DEFAULT_SIZE
             raw["alltoall"].append((4.0 * n_a / P, t / (P - 1)))
         except (RuntimeError, NotImplementedError):
             raw["alltoall"] = []
+    flops, mem_bw, overhead, kernel_points = \
+        _measure_local(device, sync, repeats, kernel_sizes if kernel else ())
+    mem_bw = agree(mem_bw)
+    used = dict(raw)
+    notes = []
+    if handoff:
+        ho = _measure_handoffs(group, device, P, sizes, repeats, mem_bw, agree)
+        if ho:
+            used.update(ho)
+            notes.append("p2p and allgather were fitted on spcompile's own hand-off ops "
+                         "(exclusive_state_scan ring / allgather), which add per-call "
+                         "software cost to the raw collectives (kept under measurements)")
     alpha: Dict[str, float] = {}
     beta: Dict[str, float] = {}
     fit_error: Dict[str, float] = {}
-    for c, pts in raw.items():
+    for c, pts in used.items():
         if not pts:
             continue
         a, b, worst = fit_alpha_beta([p[0] for p in pts], [p[1] for p in pts])
         alpha[c], beta[c], fit_error[c] = a, b, worst
-    notes = []
     if "alltoall" not in alpha:
         alpha["alltoall"], beta["alltoall"] = alpha["allgather"], beta["allgather"]
         notes.append(f"{backend} has no all_to_all_single here: alltoall copies allgather")
-    flops, mem_bw, overhead, kernel_points = \
-        _measure_local(device, sync, repeats, kernel_sizes) if kernel else (None, None, 0.0, [])
     data = {
         "name": name,
         "description": (f"measured by spcompile calibrate on {socket.gethostname()} "
@@ -178,10 +190,11 @@ def calibrate_in_group(group: Any = None, *, sizes: Sequence[int] = DEFAULT_SIZE
                         f"P={P}, {time.strftime('%Y-%m-%d %H:%M:%S')}. " + " ".join(notes)),
         "device": device.type,
         "F": agree(flops) if flops else 1e10,
-        "M": agree(mem_bw) if mem_bw else 1e9,
+        "M": mem_bw,
         "levels": [{"name": backend, "ranks": None, "alpha": alpha, "beta": beta}],
         "measurements": {"world_size": P, "fit_worst_ratio": fit_error,
-                         "step_points": {c: pts for c, pts in raw.items()},
+                         "step_points": {c: pts for c, pts in used.items()},
+                         "raw_collective_step_points": raw,
                          "kernel_points_flops_seconds": kernel_points,
                          "kernel_overhead_s": overhead},
     }
@@ -217,6 +230,8 @@ def _measure_local(device: Any, sync: Any, repeats: int,
         points.append((flops, t))
     f = np.array([p[0] for p in points])
     tt = np.array([p[1] for p in points])
+    if not points:
+        return 0.0, mem_bw, 0.0, []
     if len(points) >= 2:
         A = np.stack([np.ones_like(f), f], axis=1) / tt[:, None]
         (t0, inv_f), *_ = np.linalg.lstsq(A, np.ones_like(tt), rcond=None)
@@ -225,6 +240,42 @@ def _measure_local(device: Any, sync: Any, repeats: int,
     if inv_f <= 0:       # no growth visible above the overhead: use the largest run
         t0, inv_f = 0.0, float(tt[-1] / f[-1])
     return 1.0 / float(inv_f), mem_bw, max(0.0, float(t0)), points
+
+
+def _measure_handoffs(group: Any, device: Any, P: int, sizes: Sequence[int], repeats: int,
+                      mem_bw: float, agree: Any) -> Dict[str, List[Tuple[float, float]]]:
+    """Per-step points of spcompile's hand-off ops, with the modelled local work removed.
+
+    ring: ``t = (P-1)(alpha + m/beta + 3m/M)``  →  step = t/(P-1) - 3m/M   (the "p2p" link)
+    allgather: ``t = (P-1)(alpha + m/beta) + P m/M``  →  step = (t - P m/M)/(P-1)
+    Empty when spcompile.collectives is not importable."""
+    import torch
+    import torch.distributed as dist
+    try:
+        from spcompile.collectives import exclusive_state_scan, set_validation
+    except ImportError:
+        return {}
+    pg = group if group is not None else dist.group.WORLD     # None means "P = 1" there
+    out: Dict[str, List[Tuple[float, float]]] = {"p2p": [], "allgather": []}
+    set_validation(False)            # the cross-rank input check is not part of the hand-off
+    try:
+        for nbytes in sizes:
+            rows = max(1, nbytes // (4 * 64))
+            state = torch.randn(1, 1, rows, 64, device=device)
+            m = 4.0 * state.numel()
+            for strategy, key in (("ring", "p2p"), ("allgather", "allgather")):
+                def call() -> None:
+                    exclusive_state_scan(state, None, strategy=strategy, group=pg)
+                dist.barrier(group=group)
+                t = agree(_timeit(call, repeats, lambda: None))
+                if key == "p2p":
+                    step = t / (P - 1) - 3 * m / mem_bw
+                else:
+                    step = (t - P * m / mem_bw) / (P - 1)
+                out[key].append((m, max(step, 1e-9)))
+    finally:
+        set_validation(None)
+    return out
 
 
 def _flops_of(roof: Any) -> Any:
@@ -259,11 +310,14 @@ def _worker(rank: int, world: int, init_file: str, backend: str, result: str,
 def calibrate(nproc: int = 2, out: Union[str, Path, None] = None, *,
               backend: Optional[str] = None, sizes: Sequence[int] = DEFAULT_SIZES,
               repeats: int = 10, kernel: bool = True,
-              kernel_sizes: Sequence[Tuple[int, int, int]] = KERNEL_SIZES) -> Profile:
+              kernel_sizes: Sequence[Tuple[int, int, int]] = KERNEL_SIZES,
+              handoff: bool = True) -> Profile:
     """Spawn ``nproc`` processes, measure, write the profile JSON to ``out`` and return it.
 
     ``backend`` defaults to nccl when CUDA has at least ``nproc`` devices, else gloo; ``out``
-    defaults to ``~/.cache/spcompile/profile.json`` (the planner's default profile)."""
+    defaults to ``~/.cache/spcompile/profile.json`` (the planner's default profile).
+    ``handoff=False`` keeps the raw collective fits for p2p/allgather instead of fitting them on
+    spcompile's hand-off ops."""
     import torch
     import torch.multiprocessing as mp
     if nproc < 2:
@@ -277,7 +331,7 @@ def calibrate(nproc: int = 2, out: Union[str, Path, None] = None, *,
         result = os.path.join(tmp, "profile.json")
         mp.spawn(_worker, args=(nproc, init_file, backend, result,
                                 {"sizes": tuple(sizes), "repeats": repeats, "kernel": kernel,
-                                 "kernel_sizes": tuple(kernel_sizes)}),
+                                 "kernel_sizes": tuple(kernel_sizes), "handoff": handoff}),
                  nprocs=nproc, join=True)
         data = json.loads(Path(result).read_text())
     prof = Profile(data, source=str(out_path))

@@ -75,15 +75,20 @@ def register(subparsers: Any) -> None:
     k = subparsers.add_parser(
         "calibrate", help="measure alpha/beta of the collectives and kernel throughput",
         description="Spawn --nproc processes (gloo on CPU, nccl when enough GPUs), time "
-                    "send/recv, all_gather, all_reduce and all_to_all at several sizes, fit "
-                    "alpha/beta by least squares, time a copy and spcompile.kernels.linear_scan "
-                    "for M and F, and write a profile JSON that the planner uses by default.")
+                    "send/recv, all_gather, all_reduce and all_to_all at several sizes, refit "
+                    "p2p/allgather on spcompile's hand-off ops (unless --raw), fit alpha/beta by "
+                    "least squares, time a copy and spcompile.kernels.linear_scan for M and F, "
+                    "and write a profile JSON that the planner uses by default.")
     k.add_argument("--nproc", type=int, default=2, help="processes to spawn (>= 2)")
     k.add_argument("--out", default=None,
                    help="profile path (default ~/.cache/spcompile/profile.json)")
     k.add_argument("--backend", choices=("gloo", "nccl"), default=None)
     k.add_argument("--repeats", type=int, default=10, help="timings per point (best is kept)")
-    k.add_argument("--no-kernel", action="store_true", help="skip the F/M measurement")
+    k.add_argument("--no-kernel", action="store_true",
+                   help="skip the linear_scan timing (F); M is still measured by a copy")
+    k.add_argument("--raw", action="store_true",
+                   help="fit p2p/allgather on the raw collectives only, not on spcompile's "
+                        "hand-off ops")
     k.set_defaults(func=cmd_calibrate)
 
 
@@ -193,7 +198,7 @@ def cmd_calibrate(args: argparse.Namespace, out: Any = None) -> int:
     from .calibrate import calibrate
     out = out or sys.stdout
     prof = calibrate(args.nproc, args.out, backend=args.backend, repeats=args.repeats,
-                     kernel=not args.no_kernel)
+                     kernel=not args.no_kernel, handoff=not args.raw)
     print(describe(prof), file=out)
     print(f"wrote {prof.source}", file=out)
     return 0
