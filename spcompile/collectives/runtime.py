@@ -228,16 +228,19 @@ def p2p(pg: ProcessGroup, what: str, label: str,
         recvs: Sequence[Tuple[Tensor, int, int]] = ()) -> List:
     """Post ``sends`` [(tensor, dst group rank, tag)] and ``recvs`` [(buffer, src, tag)].
 
-    Returns the works (recvs first, then sends) for :func:`wait_all`. Bytes are counted here.
+    Returns the works for :func:`wait_all`. Bytes are counted here. Two or more transfers go
+    through one ``batch_isend_irecv``: NCCL runs the send and the receive of a rank pair on one
+    stream, so posting a ring's send before its receive one by one deadlocks at P = 2.
     """
-    works = []
-    for buf, src, tag in recvs:
-        works.append(dist.irecv(buf, src=_compat.global_rank(pg, src), group=pg, tag=tag))
-        record(label, 0, nbytes(buf))
-    for t, dst, tag in sends:
-        works.append(dist.isend(t, dst=_compat.global_rank(pg, dst), group=pg, tag=tag))
-        record(label, nbytes(t), 0)
-    return works
+    ops = [(dist.irecv, buf, src, tag) for buf, src, tag in recvs] + \
+        [(dist.isend, t, dst, tag) for t, dst, tag in sends]
+    for fn, t, _, _ in ops:
+        record(label, nbytes(t) if fn is dist.isend else 0, nbytes(t) if fn is dist.irecv else 0)
+    if len(ops) == 1:
+        fn, t, peer, tag = ops[0]
+        return [fn(t, _compat.global_rank(pg, peer), group=pg, tag=tag)]
+    return dist.batch_isend_irecv([dist.P2POp(fn, t, _compat.global_rank(pg, peer), group=pg,
+                                              tag=tag) for fn, t, peer, tag in ops])
 
 
 def wait_all(works: Sequence, what: str, pg: ProcessGroup) -> None:
