@@ -122,3 +122,14 @@ def check_allscan(rank, P, rec):
     be = compare_sharded(rank, P, rec, "masked/allscan", lambda: two_layer("mul"),
                          strategy="allscan")
     rec.true("masked/allscan: no fallback", _fallbacks(be) == 0)
+
+
+def check_decay_families(rank, P, rec):
+    from models import RetNetRetention, SSDLayer
+    for name, mk, decay in (("retnet", RetNetRetention, "head"), ("ssd", SSDLayer, "scalar")):
+        be = compare_sharded(rank, P, rec, name, mk)
+        decays = [m.info.get("decay") for r in be.reports for m in r.matches
+                  if m.kind == "linear_scan"]
+        rec.true(f"{name}: matched as a {decay}-decay scan", decays == [decay], str(decays))
+        rec.true(f"{name}: zero fallbacks", _fallbacks(be) == 0,
+                 str([str(f) for r in be.reports for f in r.fallbacks]))

@@ -147,3 +147,59 @@ class Unsupported(nn.Module):
     def forward(self, x):
         h = self.lin(x)
         return h + torch.flip(h, dims=[1]).cumsum(1) * 0.1
+
+
+class RetNetRetention(nn.Module):
+    """Multi-scale retention (RetNet) in its parallel form: D[n, m] = γ^(n-m) for n >= m."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        gammas = 1 - 2 ** (-5 - torch.arange(heads, dtype=torch.float32))
+        self.register_buffer("gammas", gammas)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        n = torch.arange(T, device=x.device)
+        diff = (n[:, None] - n[None, :]).float()
+        decay = self.gammas.view(-1, 1, 1) ** diff.clamp_min(0)
+        decay = decay.masked_fill(diff < 0, 0.0)  # [H, T, T]
+        ret = (q @ k.transpose(-1, -2)) * self.dh ** -0.5 * decay
+        o = ret @ v
+        return self.o(o.transpose(1, 2).reshape(B, T, D))
+
+
+def segsum(x):
+    """Stable segment sum (Mamba2 reference): out[..., i, j] = sum_{j<k<=i} x[..., k]."""
+    T = x.size(-1)
+    cs = torch.cumsum(x, dim=-1)
+    out = cs[..., :, None] - cs[..., None, :]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    return out.masked_fill(~mask, -torch.inf)
+
+
+class SSDLayer(nn.Module):
+    """Mamba2 SSD, quadratic (non-chunked) form: y = (C Bᵀ ⊙ exp(segsum(A·dt))) (x·dt)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, state: int = 8):
+        super().__init__()
+        self.h, self.p, self.n = heads, d // heads, state
+        self.in_proj = nn.Linear(d, d + 2 * heads * state + heads)
+        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 4.0, heads)))
+        self.out = nn.Linear(d, d)
+
+    def forward(self, u):
+        B_, T, D = u.shape
+        x, Bm, Cm, dt = torch.split(self.in_proj(u), [D, self.h * self.n, self.h * self.n, self.h],
+                                    dim=-1)
+        x = x.view(B_, T, self.h, self.p)
+        Bm = Bm.view(B_, T, self.h, self.n)
+        Cm = Cm.view(B_, T, self.h, self.n)
+        dt = F.softplus(dt)  # [B, T, H]
+        A = -torch.exp(self.A_log)  # [H]
+        L = torch.exp(segsum((A * dt).transpose(1, 2)))  # [B, H, T, T]
+        y = torch.einsum("bthn,bshn,bhts,bshp->bthp", Cm, Bm, L, x * dt.unsqueeze(-1))
+        return self.out(y.reshape(B_, T, D))

@@ -218,6 +218,15 @@ class Analyzer:
         if any(isinstance(p, Pair) for p in ps) and name not in ELEMENTWISE:
             if name in ("matmul",):
                 return self.matmul(node)
+            if name == "permute":
+                return self.permute(node)
+            if name in ("reshape", "view", "unsqueeze", "squeeze", "expand", "contiguous",
+                        "clone", "to", "float", "type_as") and len(node.all_input_nodes) >= 1:
+                pp = self.get(node.args[0])
+                ish, osh = shape(node.args[0]), shape(node)
+                if isinstance(pp, Pair) and ish and osh and (pp.d0, pp.d1) == (
+                        len(ish) - 2, len(ish) - 1) and tuple(ish[-2:]) == tuple(osh[-2:]):
+                    return Pair(len(osh) - 2, len(osh) - 1)
             if name == "sum" and isinstance(self.get(node.args[0]), Pair):
                 pp = self.get(node.args[0])
                 d = arg(node, 1, "dim")
@@ -269,6 +278,9 @@ class Analyzer:
                     pass
                 elif isinstance(q, Pair) and isinstance(res, Shard) and res.dim in (q.d0, q.d1):
                     res = q
+                elif isinstance(res, Shard) and isinstance(q, Shard):
+                    # an outer combination of two sequence axes (i - j, c_i - c_j): T×T
+                    res = Pair(min(res.dim, q.dim), max(res.dim, q.dim))
                 else:
                     return Mixing(f"inputs sharded differently ({res} vs {q})")
         # a replicated operand that spans the sequence length on the sharded dim broadcasts a

@@ -146,6 +146,7 @@ class MaskedLinearAttention(Pattern):
             return FailedMatch(self.name, anchor, str(e))
         nodes = chain | {s, anchor} | {n for n in mask_nodes
                                         if not isinstance(pl.get(n), Shard) or n is a}
+        nodes |= set(cumsums)  # the decay's cumsum lives inside the mask
         return Match(self.kind, self.name, anchor,
                      bindings={"q": qn, "kT": ktn, "v": v, "scores": s,
                                "log_decay": decay_node[0] if decay_node else None},
@@ -221,7 +222,8 @@ class MaskedLinearAttention(Pattern):
         if kind == "head":
             info["log_decay_value"] = g.float()
             data_inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
-            mask_deps = set().union(*[ancestors(n) for n in mask_nodes]) if mask_nodes else set()
+            mask_deps = (set().union(*[ancestors(n) for n in mask_nodes]) if mask_nodes
+                         else set()) - ancestors(s)
             params_in_mask = [n for n in mask_deps & data_inputs
                               if n.meta.get("example_value") is not None
                               and getattr(n.meta["example_value"], "requires_grad", False)]
@@ -253,8 +255,10 @@ class MaskedLinearAttention(Pattern):
                 set_meta(v)
             kind = m.info["decay"]
             if kind == "head":
-                name = add_constant(gm, "_spcompile_log_decay", m.info["log_decay_value"])
-                gd = g.get_attr(name)
+                # a constant read off the mask; inlined as a literal (AOTAutograd accepts no
+                # new buffers on a Dynamo graph)
+                gd = g.call_function(torch.tensor, (m.info["log_decay_value"].tolist(),),
+                                     {"dtype": torch.float32})
                 set_meta(gd)
             elif kind == "scalar":
                 gd = _decay_heads_node(g, m.bindings["log_decay"],
