@@ -133,3 +133,17 @@ def check_decay_families(rank, P, rec):
         rec.true(f"{name}: matched as a {decay}-decay scan", decays == [decay], str(decays))
         rec.true(f"{name}: zero fallbacks", _fallbacks(be) == 0,
                  str([str(f) for r in be.reports for f in r.fallbacks]))
+
+
+def check_more_families(rank, P, rec):
+    from models import CumsumLinearTransformer, GPT2Attention, NonCausalLinearAttention
+    cases = (("gpt2 manual softmax", GPT2Attention, {"attention"}),
+             ("cumsum-form linear transformer", CumsumLinearTransformer, {"cumsum"}),
+             ("non-causal linear attention", NonCausalLinearAttention,
+              {"partial_sum", "reduction"}))
+    for name, mk, kinds in cases:
+        be = compare_sharded(rank, P, rec, name, mk)
+        got = set(_kinds(be))
+        rec.true(f"{name}: matched {sorted(kinds)}", kinds <= got, str(sorted(got)))
+        rec.true(f"{name}: zero fallbacks", _fallbacks(be) == 0,
+                 str([str(f) for r in be.reports for f in r.fallbacks]))

@@ -203,3 +203,59 @@ class SSDLayer(nn.Module):
         L = torch.exp(segsum((A * dt).transpose(1, 2)))  # [B, H, T, T]
         y = torch.einsum("bthn,bshn,bhts,bshp->bthp", Cm, Bm, L, x * dt.unsqueeze(-1))
         return self.out(y.reshape(B_, T, D))
+
+
+class GPT2Attention(nn.Module):
+    """GPT-2 style: a registered causal ``bias`` buffer, ``masked_fill(-inf)``, softmax, ``/√d``."""
+
+    def __init__(self, d: int = 16, heads: int = 2, max_len: int = 256):
+        super().__init__()
+        self.h = heads
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(
+            1, 1, max_len, max_len))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class CumsumLinearTransformer(nn.Module):
+    """Katharopoulos et al. in the cumsum form, with the normaliser q · cumsum(k)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, eps: float = 1e-6):
+        super().__init__()
+        self.h, self.eps = heads, eps
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, D // self.h).unbind(2)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = torch.einsum("bthd,bthe->bthde", k, v).cumsum(dim=1)
+        num = torch.einsum("bthd,bthde->bthe", q, kv)
+        den = torch.einsum("bthd,bthd->bth", q, k.cumsum(dim=1)).unsqueeze(-1) + self.eps
+        return self.out((num / den).reshape(B, T, D))
+
+
+class NonCausalLinearAttention(nn.Module):
+    """Global (non-causal) linear attention q (kᵀ v) / (q · Σk)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = k.transpose(-1, -2) @ v  # [B, D, D]: a sum over the sequence
+        z = k.sum(dim=1, keepdim=True)  # [B, 1, D]
+        return (q @ kv) / (q * z).sum(-1, keepdim=True)

@@ -24,6 +24,6 @@ def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 claimed.add(found.anchor)
                 found.info.setdefault("_pattern", pattern)
                 ctx.matches.append(found)
-            elif isinstance(found, FailedMatch):
+            elif isinstance(found, FailedMatch):  # None: not this family at all
                 ctx.near_misses.append(found)
     return gm

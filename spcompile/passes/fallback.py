@@ -52,8 +52,8 @@ def _first_mixing(gm: fx.GraphModule, ctx: Ctx) -> Optional[fx.Node]:
         if node.op in ("placeholder", "output"):
             continue
         p = pl.get(node)
-        if isinstance(p, Partial) and any(not isinstance(pl.get(u), Partial) or u.op == "output"
-                                          for u in node.users):
+        if isinstance(p, Partial) and not node.meta.get("spcompile_reduced") and any(
+                not isinstance(pl.get(u), Partial) or u.op == "output" for u in node.users):
             return node
         if node in ctx.mixing and node.users:
             return node
@@ -66,8 +66,11 @@ def _allreduce_partial(gm: fx.GraphModule, ctx: Ctx, node: fx.Node) -> None:
     set_meta(red)
     red.meta["spcompile_placement"] = Replicate()
     node.replace_all_uses_with(red, delete_user_cb=lambda u: u is not red)
-    ctx.notes.append(f"{canonical_name(node)} sums over the sequence: all-reduced "
-                     f"({source_line(node) or node.name})")
+    node.meta["spcompile_reduced"] = True
+    from .patterns.base import Match
+    ctx.matches.append(Match("partial_sum", "contraction_over_sequence", node,
+                             info={"op": canonical_name(node)}, strategy="allreduce",
+                             reason="a sum over the sequence: all-reduced where it is made"))
 
 
 def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> None:

@@ -220,6 +220,11 @@ class Analyzer:
                 return self.matmul(node)
             if name == "permute":
                 return self.permute(node)
+            if name in ("softmax", "log_softmax") and isinstance(self.get(node.args[0]), Pair):
+                pp = self.get(node.args[0])
+                d = arg(node, 1, "dim")
+                if isinstance(d, int) and d % _nd(node) == pp.d1:
+                    return pp  # row softmax of scores: still T×T, for the attention pattern
             if name in ("reshape", "view", "unsqueeze", "squeeze", "expand", "contiguous",
                         "clone", "to", "float", "type_as") and len(node.all_input_nodes) >= 1:
                 pp = self.get(node.args[0])

@@ -1,6 +1,7 @@
 """Pattern families, in the order detection tries them."""
 from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import MaskedLinearAttention
+from .softmax_attention import ManualSoftmaxAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, Positions, SDPAttention, SequenceCumsum,
                            SequenceReduction, TokenShift)
 
@@ -10,7 +11,7 @@ def all_patterns():
     return [cls() for cls in REGISTRY]
 
 
-REGISTRY = [MaskedLinearAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
+REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
             SequenceReduction, CrossEntropy, SequenceCumsum]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 

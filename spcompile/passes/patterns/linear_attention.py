@@ -120,7 +120,7 @@ class MaskedLinearAttention(Pattern):
                 return FailedMatch(self.name, anchor, "values are not [..., T, D] sharded on T")
         s, chain, why = find_scores(a, pl)
         if s is None:
-            return FailedMatch(self.name, anchor, why)
+            return None if "softmax" in why else FailedMatch(self.name, anchor, why)
         qn, ktn = s.args[0], s.args[1]
         if not (isinstance(pl.get(qn), Shard) and isinstance(pl.get(ktn), Shard)):
             return FailedMatch(self.name, anchor, "scores are not Q @ Kᵀ of sharded Q, K")

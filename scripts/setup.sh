@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a virtual environment for spcompile on a fresh machine (idempotent).
+# * Reuses an existing torch (system or venv) and never replaces it.
+# * With no torch anywhere, installs torch==2.13.0 (the CPU build lying on these machines) so pip
+#   does not pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${SPCOMPILE_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m venv --system-site-packages "$VENV"   # keep the torch the user already has
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+V="$VENV/bin/python"
+if ! "$V" -c "import torch" >/dev/null 2>&1; then
+  "$V" -m pip install -q torch==2.13.0
+fi
+"$V" -m pip install -q -e ".[test]"
+"$V" -c "import torch, spcompile; print('spcompile', spcompile.__version__, 'torch', torch.__version__)"
