@@ -58,24 +58,6 @@ def _cfg(name: str) -> Dict[str, int]:
     return c
 
 
-def _split_states(c: "_Cfg", a: Tensor, b: Tensor, gc: Optional[Tensor], s0: Optional[Tensor],
-                  sT: Optional[Tensor], scale: float, reverse: bool) -> Tensor:
-    """Both recurrences in split form: u[n] = per-chunk product (parallel), then a scan in place.
-    Forward (a, b = k, v): slot n = state entering chunk n. Reverse (a, b = q, do): slot n =
-    gradient of the state leaving chunk n."""
-    u = a.new_empty(c.B, c.NT, c.H, c.K, c.V)
-    co = c.cfg["outer"]
-    BK, BV = _tile(c.K, co["BK"]), _tile(c.V, co["BV"])
-    grid = (triton.cdiv(c.K, BK) * triton.cdiv(c.V, BV), c.NT, c.B * c.H)
-    _k.chunk_outer_kernel[grid](a, b, gc, u, scale, c.T, c.NT, c.H, c.K, c.V, c.BT, BK, BV,
-                                c.USE_G, c.USE_GK, not reverse, c.PREC, **_launch(co))
-    grid = (c.NKS, c.NVS, c.B * c.H)
-    _k.state_scan_kernel[grid](u, gc, s0, sT, c.T, c.NT, c.H, c.K, c.V, c.BT, c.BKS, c.BVS,
-                               c.USE_G, c.USE_GK, s0 is not None, sT is not None, reverse,
-                               **_launch(c.cfg["state"]))
-    return u
-
-
 def _launch(c: Dict[str, int]) -> Dict[str, int]:
     return {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
 
@@ -140,6 +122,24 @@ def _cumsum(c: _Cfg, log_decay: Optional[Tensor]) -> Optional[Tensor]:
     _k.chunk_cumsum_kernel[grid](log_decay, gc, c.T, c.H, S, c.BT, BS, c.kind == "head",
                                  LOG_DECAY_FLOOR)
     return gc if c.kind == "vector" else gc.squeeze(-1)
+
+
+def _split_states(c: "_Cfg", a: Tensor, b: Tensor, gc: Optional[Tensor], s0: Optional[Tensor],
+                  sT: Optional[Tensor], scale: float, reverse: bool) -> Tensor:
+    """Both recurrences in split form: u[n] = per-chunk product (parallel), then a scan in place.
+    Forward (a, b = k, v): slot n = state entering chunk n. Reverse (a, b = q, do): slot n =
+    gradient of the state leaving chunk n."""
+    u = a.new_empty(c.B, c.NT, c.H, c.K, c.V)
+    co = c.cfg["outer"]
+    BK, BV = _tile(c.K, co["BK"]), _tile(c.V, co["BV"])
+    grid = (triton.cdiv(c.K, BK) * triton.cdiv(c.V, BV), c.NT, c.B * c.H)
+    _k.chunk_outer_kernel[grid](a, b, gc, u, scale, c.T, c.NT, c.H, c.K, c.V, c.BT, BK, BV,
+                                c.USE_G, c.USE_GK, not reverse, c.PREC, **_launch(co))
+    grid = (c.NKS, c.NVS, c.B * c.H)
+    _k.state_scan_kernel[grid](u, gc, s0, sT, c.T, c.NT, c.H, c.K, c.V, c.BT, c.BKS, c.BVS,
+                               c.USE_G, c.USE_GK, s0 is not None, sT is not None, reverse,
+                               **_launch(c.cfg["state"]))
+    return u
 
 
 def _states(c: _Cfg, k: Tensor, v: Tensor, gc: Optional[Tensor], h0: Optional[Tensor],
