@@ -3,10 +3,11 @@
 1. calibrates once (``spcompile.cost_model.calibrate`` at P = 2 by default: raw collectives,
    then p2p / allgather refitted on the hand-off ops, M from a copy, F from linear_scan runs) —
    or takes ``--profile``;
-2. for each world size P (default 2 and 4; one spawn per P) every rank runs ``spcompile.collectives.exclusive_state_scan`` for each strategy (allgather, allscan
-   with the planner's block count K, ring) over several state sizes ``[B, H, K, V]`` with a
-   scalar decay, timing each call (barrier, call, slowest rank; median of the repeats) and
-   counting bytes with ``count_traffic``;
+2. for each world size P (default 2 and 4; one spawn per P) every rank runs
+   ``spcompile.collectives.exclusive_state_scan`` for each strategy (allgather, allscan with the
+   planner's block count K, ring) over several state sizes ``[B, H, K, V]`` with a scalar
+   decay, timing each call (barrier, call, slowest rank; best of the repeats, as calibration
+   does; the median is kept in --json) and counting bytes with ``count_traffic``;
 3. predicts the same hand-off with the formulas (``comm`` + ``combine`` terms of the strategy,
    machine numbers from step 1) and asks the planner which strategy it would pick.
 

@@ -4,14 +4,14 @@ Two parts:
 
 * :func:`calibrate_in_group` runs inside an initialised process group (every rank calls it) and
   times the collectives the strategies use — send/recv ping-pong, ``all_gather_into_tensor``,
-  ``all_reduce``, ``all_to_all_single`` — at several message sizes; when
+  ``all_reduce``, ``all_to_all_single`` — at several message sizes.  Each timing is divided by
+  the step count of its alpha-beta model (formulas.py), so one least-squares line
+  ``t_step = alpha + bytes_step / beta`` per collective gives alpha and beta.  When
   ``spcompile.collectives`` is importable, the ``p2p`` and ``allgather`` links are then refitted
   on the hand-off ops themselves (``exclusive_state_scan`` ring / allgather, modelled local work
-  subtracted), because on CPU their per-call software cost is several times gloo's latency.  Each timing is divided by
-  the step count of its alpha-beta model (formulas.py), so one least-squares line
-  ``t_step = alpha + bytes_step / beta`` per collective gives alpha and beta.  It also times a
-  large copy (memory bandwidth M) and ``spcompile.kernels.linear_scan`` at a few sizes; F is the
-  least-squares fit of ``t = flops / F`` over those runs (flops from the cost formulas).
+  subtracted), because on CPU their per-call software cost is several times gloo's latency.
+  It also times a large copy (memory bandwidth M) and ``spcompile.kernels.linear_scan`` at a
+  few sizes; F is the slope of ``t = t0 + flops / F`` over those runs (flops from the formulas).
 * :func:`calibrate` spawns ``nproc`` processes itself (gloo on CPU, nccl on GPU), runs the
   above, and writes the profile JSON (default ``~/.cache/spcompile/profile.json``, which the
   planner then uses by default).

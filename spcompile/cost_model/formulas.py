@@ -36,7 +36,6 @@ memory) and an *output* kernel (intra-chunk ``(QK^T ⊙ Γ)V`` plus inter-chunk 
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Callable, Dict, Mapping, Tuple
 
@@ -233,7 +232,8 @@ def attention_compute(causal: bool, q_tokens: sp.Expr, k_tokens: sp.Expr, heads:
     Bytes: q and o once, k and v once (blocks stay on chip)."""
     frac = sp.Rational(1, 2) if causal else sp.Integer(1)
     flops = frac * 2 * B * heads * q_tokens * k_tokens * (d_k + d_v)
-    nbytes = B * q_tokens * heads * (d_k + d_v) * e_in + B * k_tokens * kv_heads * (d_k + d_v) * e_in
+    nbytes = (B * q_tokens * heads * (d_k + d_v) * e_in
+              + B * k_tokens * kv_heads * (d_k + d_v) * e_in)
     return roofline(flops, nbytes)
 
 
@@ -348,7 +348,3 @@ def exact(expr: sp.Expr, values: Mapping[str, float]) -> float:
             for n, v in values.items() if n in SYMBOLS}
     return float(expr.xreplace(subs).evalf(30))
 
-
-def log2_ceil(x: int) -> int:
-    """ceil(log2 x) for x >= 1 (used by tests and docs)."""
-    return math.ceil(math.log2(x)) if x > 1 else 0
