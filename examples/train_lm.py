@@ -194,6 +194,22 @@ def check_step(model: nn.Module, compiled, x, y, rank: int, P: int, tol: float) 
 
 
 # ---------------------------------------------------------------- training
+@torch.no_grad()
+def generate(model: nn.Module, prompt: bytes, n: int, max_len: int, temperature: float = 0.7
+             ) -> bytes:
+    """Sample bytes from the (uncompiled, single-process) model."""
+    gen = torch.Generator().manual_seed(0)
+    seq = list(prompt)
+    for _ in range(n):
+        idx = torch.tensor([seq[-max_len:]])
+        x = model.embed(idx)
+        for block in model.blocks:
+            x = block(x)
+        logits = model.head(model.ln(x))[0, -1] / temperature
+        seq.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
+    return bytes(seq)
+
+
 def progress(step: int, total: int, width: int = 24) -> str:
     done = int(width * step / total)
     return "[" + "#" * done + "." * (width - done) + "]"
@@ -225,7 +241,7 @@ def save_curve(out: Path, steps: List[int], losses: List[float], P: int, title: 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps (default 250)")
     p.add_argument("--batch", type=int, default=8, help="windows per step (default 8)")
     p.add_argument("--seq-len", type=int, default=256,
                    help="GLOBAL window length in bytes; each rank gets seq-len/P (default 256)")
@@ -243,6 +259,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-check", action="store_true", help="skip the equivalence check")
     p.add_argument("--out", default="out/train_lm", help="where loss.png and metrics.json go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="held-out batches (the last 5%% of the bytes) evaluated before and after")
+    p.add_argument("--sample", type=int, default=160,
+                   help="bytes to generate at the end from the prompt 'def ' (0: none)")
     return p.parse_args(argv)
 
 
@@ -253,6 +273,8 @@ def main(argv=None) -> int:
     if args.seq_len % P:
         raise SystemExit(f"train_lm: --seq-len {args.seq_len} is not divisible by {P} ranks")
     data = stdlib_bytes(args.data_bytes)
+    n_val = max(data.numel() // 20, 4 * args.seq_len)
+    data, val_data = data[:-n_val], data[-n_val:]  # held out: the last files read
     torch.manual_seed(args.seed)
     model = ByteLM(args.d_model, args.heads, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
@@ -280,6 +302,17 @@ def main(argv=None) -> int:
             for f in rep.fallbacks:
                 print(f"  fallback: {f}")
 
+    val_gen = torch.Generator().manual_seed(args.seed + 2)
+    val_batches = [batch(val_data, args.batch, args.seq_len, val_gen)
+                   for _ in range(args.eval_batches)]
+
+    def evaluate() -> float:
+        # same graph as training (grad mode on, no backward): no recompilation
+        losses = [compiled(spcompile.shard_sequence(x, 1), spcompile.shard_sequence(y, 1)).item()
+                  for x, y in val_batches]
+        return sum(losses) / max(len(losses), 1)
+
+    val_before = evaluate() if val_batches else float("nan")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
                                                 pct_start=0.1)
@@ -307,6 +340,7 @@ def main(argv=None) -> int:
                   f"{sum(recent) / len(recent):.3f}  {tps / 1e3:6.1f}K tok/s  "
                   f"{now - t_start:6.1f} s", flush=True)
     elapsed = time.perf_counter() - t_start
+    val_after = evaluate() if val_batches else float("nan")
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +350,7 @@ def main(argv=None) -> int:
                          f"byte LM on stdlib source, {P} rank(s), T={args.seq_len}")
         metrics = dict(world_size=P, steps=args.steps, seq_len=args.seq_len, batch=args.batch,
                        params=n_params, first_loss=first, final_loss=last,
+                       val_loss_before=val_before, val_loss_after=val_after,
                        tokens_per_s=args.steps * tokens_per_step / elapsed, seconds=elapsed,
                        losses=losses, plan=[(m.kind, m.pattern, m.strategy)
                                             for r in be.reports for m in r.matches])
@@ -323,6 +358,12 @@ def main(argv=None) -> int:
         print(f"done: loss {first:.3f} (first {k} steps) -> {last:.3f} (last {k}), "
               f"{metrics['tokens_per_s'] / 1e3:.1f}K tok/s over {elapsed:.0f} s; wrote {png} "
               f"and {out / 'metrics.json'}", flush=True)
+        print(f"held-out loss (last 5% of the bytes, {args.eval_batches} batches): "
+              f"{val_before:.3f} before training -> {val_after:.3f} after", flush=True)
+        if args.sample > 0:
+            text = generate(model, b"def ", args.sample, args.seq_len)
+            print("sample (eager model on one process, temperature 0.7):\n" +
+                  text.decode("utf-8", errors="replace"), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
