@@ -35,15 +35,15 @@ def _rank(name: str) -> int:
 # ------------------------------------------------------------------ all-reduce (adjoint: itself)
 @torch.library.custom_op("spcompile::allreduce", mutates_args=())
 def allreduce(x: Tensor, op: str, group_name: str) -> Tensor:
-    """Sum or max over the group; the backward of 'sum' is a sum of the gradients."""
-    out = x.clone()
-    if group_name:
-        from . import _trace
-        _trace.count("allreduce", out.numel() * out.element_size(), out.numel() *
-                     out.element_size())
-        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
-                        group=_group(group_name))
-    return out
+    """Sum or max over the group, for values *inside* a compiled graph: its backward is the true
+    adjoint (a sum of the gradients), unlike ``collectives.all_reduce_sum`` whose identity
+    backward is for a replicated value every rank back-propagates by itself."""
+    if not group_name:
+        return x.clone()
+    from .collectives import runtime as rt
+    pg = rt.resolve_group(group_name)
+    return rt.all_reduce(x.contiguous(), op, pg, f"in-graph all_reduce ({op})",
+                         "allreduce").view(x.shape).clone()
 
 
 @allreduce.register_fake
@@ -62,8 +62,7 @@ def _allreduce_bwd(ctx, g):
     if ctx.op == "sum":
         return allreduce(g.contiguous(), "sum", ctx.group_name), None, None
     x, out = ctx.saved_tensors
-    # the max goes back only to the elements that hold it (each rank's own copy, summed over
-    # ranks by the adjoint of the replicated value)
+    # the max goes back only to the elements that hold it, ties split over all ranks
     hit = (x == out).to(g.dtype)
     count = allreduce(hit, "sum", ctx.group_name).clamp_min(1.0)
     gsum = allreduce(g.contiguous(), "sum", ctx.group_name)
@@ -73,60 +72,14 @@ def _allreduce_bwd(ctx, g):
 allreduce.register_autograd(_allreduce_bwd, setup_context=_allreduce_setup)
 
 
-# ------------------------------------------------------------------ gather / slice
-@torch.library.custom_op("spcompile::gather_seq", mutates_args=())
 def gather_seq(x: Tensor, dim: int, group_name: str) -> Tensor:
-    """All-gather along ``dim`` (contiguous shards in rank order); adjoint: reduce-scatter."""
+    """All-gather along ``dim`` (rank order) with the adjoint backward (reduce-scatter): what
+    gather → op → re-shard needs. The transport is ``collectives``' (bytes counted, shapes
+    checked across ranks)."""
     if not group_name:
-        return x.clone()
-    P = _size(group_name)
-    xm = x.movedim(dim, 0).contiguous()
-    out = xm.new_empty((P * xm.shape[0],) + tuple(xm.shape[1:]))
-    from . import _trace
-    nbytes = xm.numel() * xm.element_size()
-    _trace.count("gather", nbytes * (P - 1), nbytes * (P - 1))
-    dist.all_gather_into_tensor(out, xm, group=_group(group_name))
-    return out.movedim(0, dim).contiguous()
-
-
-@gather_seq.register_fake
-def _(x, dim, group_name):
-    P = _size(group_name)
-    shape = list(x.shape)
-    shape[dim] *= P
-    return x.new_empty(shape)
-
-
-@torch.library.custom_op("spcompile::reduce_scatter_seq", mutates_args=())
-def reduce_scatter_seq(x: Tensor, dim: int, group_name: str) -> Tensor:
-    if not group_name:
-        return x.clone()
-    P = _size(group_name)
-    xm = x.movedim(dim, 0).contiguous()
-    out = xm.new_empty((xm.shape[0] // P,) + tuple(xm.shape[1:]))
-    from . import _trace
-    nbytes = out.numel() * out.element_size()
-    _trace.count("reduce_scatter", nbytes * (P - 1), nbytes * (P - 1))
-    dist.reduce_scatter_tensor(out, xm, group=_group(group_name))
-    return out.movedim(0, dim).contiguous()
-
-
-@reduce_scatter_seq.register_fake
-def _(x, dim, group_name):
-    P = _size(group_name)
-    shape = list(x.shape)
-    shape[dim] //= P
-    return x.new_empty(shape)
-
-
-gather_seq.register_autograd(
-    lambda ctx, g: (reduce_scatter_seq(g.contiguous(), ctx.dim, ctx.group_name), None, None),
-    setup_context=lambda ctx, inputs, output: setattr(ctx, "dim", inputs[1]) or setattr(
-        ctx, "group_name", inputs[2]))
-reduce_scatter_seq.register_autograd(
-    lambda ctx, g: (gather_seq(g.contiguous(), ctx.dim, ctx.group_name), None, None),
-    setup_context=lambda ctx, inputs, output: setattr(ctx, "dim", inputs[1]) or setattr(
-        ctx, "group_name", inputs[2]))
+        return x
+    from . import collectives  # noqa: F401  (registers spcompile::gather_sequence_rs)
+    return torch.ops.spcompile.gather_sequence_rs(x.contiguous(), dim, group_name, "fallback")
 
 
 def shard_slice(x: Tensor, dim: int, group_name: str) -> Tensor:
@@ -191,15 +144,18 @@ def global_positions(positions: Tensor, local_len: int, group_name: str) -> Tens
 
 # ------------------------------------------------------------------ the scan call
 def scan(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], scale: float,
-         chunk_size: int, strategy: str, group_name: str) -> Tensor:
+         chunk_size: int, strategy: str, group_name: str, blocks: Optional[int] = None
+         ) -> Tensor:
     """The rewrite's target for a linear-attention/SSM match: local kernel at P = 1,
-    sequence-parallel scan with the planned hand-off otherwise. Returns o only."""
+    sequence-parallel scan with the planned hand-off otherwise (``blocks``: All-Scan pipeline
+    depth chosen by the cost model). Returns o only."""
     if not group_name:
         from .kernels import linear_scan
         return linear_scan(q, k, v, log_decay, scale=scale, chunk_size=chunk_size)[0]
     from .collectives import sp_linear_scan
-    return sp_linear_scan(q, k, v, log_decay, scale=scale, chunk_size=chunk_size,
-                          strategy=strategy, group=group_name)[0]
+    o = sp_linear_scan(q, k, v, log_decay, scale=scale, chunk_size=chunk_size,
+                       strategy=strategy, group=group_name, blocks=blocks)[0]
+    return torch.ops.spcompile.layout_barrier(o)
 
 
 # ------------------------------------------------------------------ layout barrier

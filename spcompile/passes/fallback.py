@@ -100,7 +100,7 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
         for a in node.all_input_nodes:
             p = pl.get(a)
             if isinstance(p, Shard):
-                gnode = gm.graph.call_function(torch.ops.spcompile.gather_seq.default, (a, p.dim, ctx.group_name))
+                gnode = gm.graph.call_function(spops.gather_seq, (a, p.dim, ctx.group_name))
                 set_meta(gnode)
                 gnode.meta["spcompile_placement"] = Replicate()
                 gathered[a] = gnode

@@ -57,6 +57,9 @@ def choose(match, ctx: Ctx) -> None:
     match.alternatives = list(choices)
     best = choices[0]
     match.strategy = best.strategy
+    params = getattr(best, "params", None) or {}
+    if params.get("blocks"):
+        match.info["blocks"] = int(params["blocks"])
     match.reason = f"cheapest predicted ({best.seconds * 1e3:.3g} ms)"
 
 

@@ -86,6 +86,8 @@ ELEMENTWISE = {
     "cosh", "logsigmoid", "softsign", "type", "alias", "requires_grad_", "sigmoid_", "tanh_",
     "int", "long", "bool", "nan_to_num", "isnan", "isinf", "isfinite", "silu_", "relu_",
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
+    "log_sigmoid", "logsigmoid", "hardtanh", "softshrink", "hardshrink", "tanhshrink", "gelu_",
+    "mish_", "logit", "xlogy", "square_", "pow_", "rsqrt_", "sqrt_", "clamp_", "masked_fill_",
 }
 CREATION = {"ones", "zeros", "full", "empty", "arange", "tensor", "eye", "rand", "randn",
             "randint", "linspace", "as_tensor", "tril_indices", "triu_indices", "ones_like_",
@@ -242,7 +244,7 @@ class Analyzer:
         fn = RULES.get(name)
         if fn is not None:
             return fn(self, node)
-        if name in ELEMENTWISE:
+        if name in ELEMENTWISE or _is_pointwise(name):
             return self.elementwise(node)
         if name in REDUCTIONS:
             return self.reduction(node, name)
@@ -564,7 +566,7 @@ class Analyzer:
             if isinstance(p, Shard) and p.dim != 1:
                 return Shard(p.dim if p.dim == 0 else p.dim - 1, p.merged)
             return Mixing("cross_entropy over the sequence axis")
-        return Mixing(f"cross_entropy with reduction={red!r}", 0)
+        return Mixing(f"cross_entropy with reduction={red!r}", "replicate")
 
 
 def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard) -> Placement:
@@ -594,6 +596,32 @@ def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard) -> Placement:
             return Shard(j, True)
         acc = nxt
     return Mixing("reshape mixes the sequence axis")
+
+
+_POINTWISE_CACHE: Dict[str, bool] = {}
+
+
+def _is_pointwise(name: str) -> bool:
+    """Is ``name`` an ATen op tagged pointwise (``log_sigmoid``, ``hardtanh``, ``logit``...)?
+
+    Torch-level functions share their ATen op's name; ATen's own ``pointwise`` tag then says
+    they act element by element, so no table has to list every activation.
+    """
+    if name in _POINTWISE_CACHE:
+        return _POINTWISE_CACHE[name]
+    ok = False
+    for cand in (name, name + "_forward", name.rstrip("_")):
+        packet = getattr(torch.ops.aten, cand, None)
+        if packet is None:
+            continue
+        try:
+            ok = any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
+        except Exception:  # noqa: BLE001 - an op without tags is not pointwise for us
+            ok = False
+        if ok:
+            break
+    _POINTWISE_CACHE[name] = ok
+    return ok
 
 
 def _is_param_or_buffer(node: fx.Node) -> bool:

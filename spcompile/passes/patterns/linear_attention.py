@@ -218,6 +218,7 @@ class MaskedLinearAttention(Pattern):
                                 f"{err:.1e}): mask is not a causal decay mask")
         info["decay"] = kind
         info["batch"] = B
+        info["d_k"], info["d_v"] = int(q4.shape[-1]), int(v4.shape[-1])
         info["heads"] = N
         if kind == "head":
             info["log_decay_value"] = g.float()
@@ -267,7 +268,8 @@ class MaskedLinearAttention(Pattern):
                 gd = None
             o = g.call_function(spops.scan, (q, k, v, gd, float(m.info["scale"]),
                                              int(ctx.options.chunk_size), m.strategy or
-                                             "allgather", ctx.group_name))
+                                             "allgather", ctx.group_name,
+                                             m.info.get("blocks")))
             set_meta(o)
             out = _from_heads(g, o, B, shape(anchor), vector=m.bindings["v"] is not None)
             if tensor_val(anchor) is not None and tensor_val(out).dtype != tensor_val(anchor).dtype:

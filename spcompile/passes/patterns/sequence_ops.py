@@ -51,8 +51,10 @@ def _finish(ctx: Ctx, anchor: fx.Node, new: fx.Node, placement) -> None:
 def _sdpa_sp(q, k, v, causal: bool, scale: Optional[float], enable_gqa: bool, strategy: str,
              group_name: str):
     from ...collectives import sp_attention
-    return sp_attention(q, k, v, causal=causal, scale=scale, strategy=strategy,
-                        group=group_name, enable_gqa=enable_gqa)
+    bar = torch.ops.spcompile.layout_barrier  # pins the layouts of the gradients (see ops.py)
+    o = sp_attention(bar(q), bar(k), bar(v), causal=causal, scale=scale, strategy=strategy,
+                     group=group_name, enable_gqa=enable_gqa)
+    return bar(o)
 
 
 class SDPAttention(Pattern):
@@ -117,14 +119,16 @@ def _causal_conv1d(x, w, b, width: int, stride, dilation, groups: int, group_nam
     """conv1d over [halo | x] with no padding: the causal conv of this rank's tokens."""
     halo = _halo(x, width, -1, group_name) if group_name else x.new_zeros(
         *x.shape[:-1], width)
-    return F.conv1d(torch.cat([halo, x], dim=-1), w, b, stride, 0, dilation, groups)
+    return torch.ops.spcompile.layout_barrier(
+        F.conv1d(torch.cat([halo, x], dim=-1), w, b, stride, 0, dilation, groups))
 
 
 def _shift(x, s: int, dim: int, group_name: str):
     """x shifted by ``s`` along ``dim`` with the previous rank's last ``s`` tokens in front."""
     halo = _halo(x, s, dim, group_name) if group_name else x.new_zeros(
         *x.shape[:dim], s, *x.shape[dim + 1:])
-    return torch.cat([halo, x.narrow(dim, 0, x.shape[dim] - s)], dim=dim)
+    return torch.ops.spcompile.layout_barrier(
+        torch.cat([halo, x.narrow(dim, 0, x.shape[dim] - s)], dim=dim))
 
 
 def _conv_params(node: fx.Node):
