@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ..annotations import match_excluded
 from .patterns import FailedMatch, Match, all_patterns
 from .pipeline import Ctx, register_pass
 
@@ -20,6 +21,11 @@ def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         for found in pattern.find(gm, ctx):
             if isinstance(found, Match):
                 if found.anchor in claimed:
+                    continue
+                excluded = match_excluded(found)
+                if excluded is not None:  # @spcompile.exclude: leave it to the fallback
+                    ctx.near_misses.append(FailedMatch(found.pattern, found.anchor,
+                                                       f"inside excluded function {excluded}"))
                     continue
                 claimed.add(found.anchor)
                 found.info.setdefault("_pattern", pattern)

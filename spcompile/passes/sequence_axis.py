@@ -541,6 +541,17 @@ class Analyzer:
     def flatten(self, node: fx.Node) -> Placement:
         return self.reshape(node)
 
+    def outer(self, node: fx.Node) -> Placement:
+        """outer(a, b) = a[:, None] * b[None, :] (RoPE angles from positions)."""
+        pa, pb = self.get(node.args[0]), self.get(node.args[1])
+        if isinstance(pa, Shard) and isinstance(pb, Replicate):
+            return Shard(0, pa.merged)
+        if isinstance(pb, Shard) and isinstance(pa, Replicate):
+            return Shard(1, pb.merged)
+        if isinstance(pa, Shard) and isinstance(pb, Shard):
+            return Pair(0, 1)
+        return Mixing(f"outer of {pa} and {pb}")
+
     def sdpa(self, node: fx.Node) -> Placement:
         return Mixing("attention over the sequence", _nd(node) - 2)
 
@@ -662,6 +673,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "cat": Analyzer.cat, "concat": Analyzer.cat, "concatenate": Analyzer.cat,
     "stack": Analyzer.stack, "expand": Analyzer.expand, "expand_as": Analyzer.expand,
     "broadcast_to": Analyzer.expand, "repeat": Analyzer.expand,
+    "outer": Analyzer.outer, "ger": Analyzer.outer,
     "sdpa": Analyzer.sdpa, "conv1d": Analyzer.conv1d, "pad": Analyzer.pad,
     "cross_entropy": Analyzer.cross_entropy,
 }
