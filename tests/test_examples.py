@@ -15,17 +15,15 @@ from dist_harness import run_checks
 # gathers the sequence), so only the "no fallback" expectation fails. Remove an entry when the
 # family lands; the test then passes (xfail is not strict).
 KNOWN_FALLBACKS = {
-    "gla": "F.logsigmoid has no sequence_axis rule (canonical name 'log_sigmoid')",
     "hybrid": "torch.outer (RoPE frequencies from arange positions) has no sequence_axis rule",
 }
 
 # examples that do not yet run correctly sharded, and why (xfail, not strict: they pass once
 # the cause is fixed).
 KNOWN_BROKEN = {
-    "linear_transformer": "backward of the compiled sharded graph fails: 'view size is not "
-                          "compatible with input tensor's size and stride' (cumsum normaliser)",
-    "hybrid": "backward of the compiled sharded graph fails: 'view size is not compatible with "
-              "input tensor's size and stride'",
+    "linear_transformer": "backward of the compiled sharded graph fails: view(permute("
+                          "elu_backward)) 'view size is not compatible with input tensor's size "
+                          "and stride' (q, k feed both the scan and the q·cumsum(k) normaliser)",
 }
 
 _ROWS = {}
