@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        k = min(10, len(losses))
+        k = max(1, min(10, len(losses) // 3))  # first and last k steps do not overlap
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         png = save_curve(out, steps, losses, P,
                          f"byte LM on stdlib source, {P} rank(s), T={args.seq_len}")

@@ -131,3 +131,22 @@ def test_run_nproc_2_launches_gloo_ranks(tmp_path):
     assert "torch.distributed.run --nproc-per-node=2 --standalone" in res.stdout
     for r in (0, 1):
         assert f"rank {r} of 2 ok, args ['--flag', 'v']" in res.stdout
+
+
+def test_run_main_job_tiny(tmp_path):
+    """The main job through `spcompile run --nproc 2`, shrunk: the equivalence check passes,
+    the loss goes down, the PNG and metrics are written."""
+    import json
+    out = tmp_path / "lm"
+    res = subprocess.run(
+        [sys.executable, "-m", "spcompile.cli", "run", "--nproc", "2",
+         os.path.join(EX, "train_lm.py"), "--steps", "12", "--batch", "2", "--seq-len", "64",
+         "--d-model", "32", "--layers", "2", "--data-bytes", "300000", "--eval-batches", "1",
+         "--sample", "0", "--log-every", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "-> PASS" in res.stdout and "tok/s" in res.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["final_loss"] < m["first_loss"], m
+    assert (out / "loss.png").stat().st_size > 1000
