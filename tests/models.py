@@ -259,3 +259,32 @@ class NonCausalLinearAttention(nn.Module):
         kv = k.transpose(-1, -2) @ v  # [B, D, D]: a sum over the sequence
         z = k.sum(dim=1, keepdim=True)  # [B, 1, D]
         return (q @ kv) / (q * z).sum(-1, keepdim=True)
+
+
+class CatShift(nn.Module):
+    """Token shift spelled with cat + slice (no pattern: computed through the fallback)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        shifted = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        return x + shifted * h.sigmoid()
+
+
+class TokenLoop(nn.Module):
+    """A recurrence written as a Python loop over tokens: refused sharded (never wrong)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        s, outs = torch.zeros_like(h[:, 0]), []
+        for t in range(x.shape[1]):
+            s = 0.9 * s + h[:, t]
+            outs.append(s)
+        return torch.stack(outs, dim=1)

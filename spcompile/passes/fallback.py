@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
@@ -179,6 +179,50 @@ def _wrap_replicated_outputs(gm: fx.GraphModule, ctx: Ctx) -> None:
     out.args = fx.node.map_aggregate(out.args, wrap)
 
 
+def _repropagate(gm: fx.GraphModule, ctx: Ctx, before: Dict[fx.Node, tuple]) -> None:
+    """Recompute example values after gathers changed some shapes, and re-shard where a value
+    computed on the gathered sequence (a *global* value, e.g. a shifted copy of the sequence)
+    meets this rank's values again or reaches an output: wherever a tensor now has ``P×`` the
+    length it had locally on some dim, the consumer gets this rank's slice of it."""
+    P = ctx.world_size
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        made_here = (node.meta.get("spcompile") or {}).get("pass") == "fallback"
+        if node.op == "output" or not made_here:
+            _reshard_global_args(gm, ctx, node, before, P)
+        if node.op == "output":
+            continue
+        try:
+            set_meta(node)
+        except Exception as e:  # a later op that baked the local length
+            raise SequenceParallelError(
+                f"spcompile: after gathering the sequence for a fallback, "
+                f"{canonical_name(node)} at {source_line(node) or node.name} no longer fits "
+                f"({type(e).__name__}: {str(e)[:200]}); it uses sizes of the local shard. "
+                f"Rewrite it in a supported form or declare the layer with an spcompile "
+                f"annotation.") from None
+
+
+def _reshard_global_args(gm, ctx: Ctx, node: fx.Node, before, P: int) -> None:
+    replace = {}
+    for a in node.all_input_nodes:
+        now, was = tensor_val(a), before.get(a)
+        if now is None or was is None or tuple(now.shape) == was or len(was) != now.dim():
+            continue
+        dims = [d for d in range(now.dim()) if now.shape[d] == P * was[d] != was[d]]
+        if len(dims) != 1:
+            continue
+        with gm.graph.inserting_before(node), ctx.provenance(gm, None, node):
+            sl = gm.graph.call_function(spops.shard_slice, (a, dims[0], ctx.group_name))
+        set_meta(sl)
+        sl.meta["spcompile_placement"] = Shard(dims[0])
+        replace[a] = sl
+    if replace:
+        node.args = fx.node.map_arg(node.args, lambda x: replace.get(x, x))
+        node.kwargs = fx.node.map_arg(node.kwargs, lambda x: replace.get(x, x))
+
+
 def _ancestors_with(node: fx.Node):
     from .graph_utils import ancestors
     return ancestors(node) | {node}
@@ -190,11 +234,61 @@ def _has_param(node: fx.Node) -> bool:
                for n in ancestors(node))
 
 
+_INDEXING = ("integer index into the sequence axis", "slice of the sequence axis")
+
+
+def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
+    """Several indexings of one value along the sequence are a Python loop over tokens or
+    chunks that Dynamo unrolled with the *local* count: gathering around each index would
+    compute the first shard's chunks on every rank. Refuse it, loudly."""
+    by_source: dict = {}
+    for node, reason in ctx.mixing.items():
+        if canonical_name(node) == "getitem" and reason in _INDEXING and node.users:
+            by_source.setdefault(node.args[0], []).append(node)
+    for src, nodes in by_source.items():
+        if len(nodes) >= 3:
+            raise SequenceParallelError(
+                f"spcompile: {len(nodes)} slices/indexes along the sharded sequence axis of one "
+                f"value (first at {source_line(nodes[0]) or nodes[0].name}): a Python loop over "
+                f"tokens or chunks, unrolled with this rank's local count. spcompile cannot make "
+                f"it sequence parallel by gathering. Write the layer in a supported form (masked "
+                f"quadratic, segsum, cumsum), or declare it with @spcompile.linear_attention / "
+                f"@spcompile.ssm_scan.")
+
+
+def _check_output_shapes(gm: fx.GraphModule, ctx: Ctx, before: list) -> None:
+    """After gathering, every graph output must keep its local shape (a gathered value that
+    reaches an output unsharded would break the contract)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    after = [tensor_val(a) for a in fx.node.map_aggregate(out.args[0], lambda x: x)] \
+        if isinstance(out.args[0], (tuple, list)) else [tensor_val(out.args[0])]
+    for i, (b, a) in enumerate(zip(before, after)):
+        if b is not None and a is not None and tuple(a.shape) != tuple(b):
+            where = "; ".join(str(f) for f in ctx.fallbacks) or "?"
+            raise SequenceParallelError(
+                f"spcompile: output {i} would have shape {tuple(a.shape)} instead of this "
+                f"rank's {tuple(b)}: a value computed on the gathered sequence ({where}) reaches "
+                f"the output with a length that is not the global sequence length, so it cannot "
+                f"be re-sharded. Rewrite that op in a supported form or declare the layer with "
+                f"an spcompile annotation.")
+
+
+def _output_shapes(gm: fx.GraphModule) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out.args[0] if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    return [None if tensor_val(a) is None else tuple(tensor_val(a).shape) for a in args]
+
+
 @register_pass("fallback")
 def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """All-reduce partial sums; gather around uncovered token mixing (warn) or refuse (strict)."""
     if ctx.world_size == 1:
         return gm
+    analyze(gm, ctx)
+    _refuse_loops_over_the_sequence(ctx)
+    before = _output_shapes(gm)
+    local_shapes = {n: tuple(tensor_val(n).shape) for n in gm.graph.nodes
+                    if tensor_val(n) is not None}
     for _ in range(1000):
         pl = analyze(gm, ctx)
         node = _first_mixing(gm, ctx)
@@ -205,6 +299,9 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         else:
             _gather_around(gm, ctx, node, ctx.mixing[node])
     gm.graph.lint()
+    if ctx.fallbacks:
+        _repropagate(gm, ctx, local_shapes)
+        _check_output_shapes(gm, ctx, before)
     pl = analyze(gm, ctx)
     _wrap_replicated_outputs(gm, ctx)
     gm.recompile()
