@@ -178,6 +178,23 @@ def test_verify_passes_a_right_declaration_once():
     assert d.verified
 
 
+def test_verify_runs_at_compile_time():
+    """Compiled first (no eager call): the declared pattern verifies before rewriting."""
+    wrong = spcompile.linear_attention(verify=True)(plain_causal)  # scale should be 1.0
+
+    def model(x):
+        q = x.view(2, 16, 2, 4)
+        return wrong(q, q * 0.5 + 0.1, q)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"does not match the function.*declare scale=1"):
+        torch.compile(model, backend=spcompile.backend())(torch.randn(2, 16, 8))
+    right = spcompile.linear_attention(scale=1.0, verify=True)(plain_causal)
+    torch._dynamo.reset()
+    torch.compile(lambda x: right(x, x, x), backend=spcompile.backend())(torch.randn(2, 8, 2, 4))
+    assert right.__spcompile_declaration__.verified
+
+
 def test_declaration_errors_are_clear():
     with pytest.raises(DeclarationError, match="not an argument"):
         spcompile.linear_attention(q="query")(plain_causal)
