@@ -2,8 +2,6 @@
 exclusion, the compiled graph at P = 1, and sharded runs on 2 gloo ranks (one spawn)."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch._dynamo
@@ -338,14 +336,34 @@ def test_exclude_marks_the_functions_nodes():
         spcompile.exclude(len)
 
 
+@spcompile.exclude
+def excluded_prefix(x):
+    return torch.cumsum(x, dim=1)
+
+
+class PrefixModel(nn.Module):
+    def __init__(self, d=16, exclude=True):
+        super().__init__()
+        self.lin, self.exclude = nn.Linear(d, d), exclude
+
+    def forward(self, x):
+        h = self.lin(x)
+        return excluded_prefix(h) if self.exclude else torch.cumsum(h, dim=1)
+
+
 def test_exclude_keeps_patterns_away():
-    from spcompile.passes import detect
-    if "excluded" not in inspect.getsource(detect):
-        pytest.xfail("detect.py does not yet call spcompile.annotations.match_excluded")
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="gathered"):
-        rep = spcompile.explain(ExcludedModel(), torch.randn(1, 8, 16), world_size=2)
-    assert not rep.matches and rep.fallbacks
+    x = torch.randn(2, 8, 16)
+    rep = spcompile.explain(PrefixModel(exclude=False), x, world_size=2)
+    assert [m.pattern for m in rep.matches] == ["cumsum"] and not rep.fallbacks
+    with pytest.warns(UserWarning, match="gathered sequence"):
+        rep = spcompile.explain(PrefixModel(exclude=True), x, world_size=2)
+    assert not rep.matches and len(rep.fallbacks) == 1
+    assert any("excluded function excluded_prefix" in nm.reason for nm in rep.near_misses)
+    # an excluded T×T form has no fallback (a rank cannot rebuild the global scores): a clear
+    # error that names the line
+    with pytest.raises(Exception, match=r"test_annotations.py:\d+ .*uses a T×T value"):
+        spcompile.explain(ExcludedModel(), torch.randn(2, 8, 16), world_size=2)
 
 
 # ---------------------------------------------------------------- sharded, 2 gloo ranks (worker side)
