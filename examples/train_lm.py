@@ -162,6 +162,13 @@ class ByteLM(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def factory():
+    """For the CLI: ``spcompile explain examples/train_lm.py:factory --world-size 4``."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (2, 257))
+    return ByteLM(), (idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+
+
 # ---------------------------------------------------------------- the equivalence check
 def check_step(model: nn.Module, compiled, x, y, rank: int, P: int, tol: float) -> bool:
     """One sharded (compiled) step vs the single-process eager step on the full windows."""
