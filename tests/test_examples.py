@@ -14,9 +14,7 @@ from dist_harness import run_checks
 # examples a pattern family does not cover yet: they are correct through the fallback (which
 # gathers the sequence), so only the "no fallback" expectation fails. Remove an entry when the
 # family lands; the test then passes (xfail is not strict).
-KNOWN_FALLBACKS = {
-    "hybrid": "torch.outer (RoPE frequencies from arange positions) has no sequence_axis rule",
-}
+KNOWN_FALLBACKS: dict = {}
 
 # examples that do not yet run correctly sharded, and why (xfail, not strict: they pass once
 # the cause is fixed).
