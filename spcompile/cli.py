@@ -142,12 +142,14 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for i, p in enumerate(passes, start=1):
         state = "disabled" if p.name in (args.disable or ()) else "enabled"
         print(f"  {i}. {p.name:<14} {state:<9} {p.doc}")
-    from .passes.patterns import REGISTRY
+    from .passes.patterns import REGISTRY, Pattern
     print("pattern families (detect tries them in this order):")
     for cls in REGISTRY:
-        doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
+        own = cls.__doc__ if cls.__doc__ and cls.__doc__ != Pattern.__doc__ else ""
+        doc = (own.strip().splitlines() or [""])[0] or \
+            f"(see {cls.__module__.replace('.', '/')}.py)"
         print(f"  - {cls.name:<24} kind {cls.kind:<12} {doc}")
-    print("switch passes off with options={'disable': [...]} or SPCOMPILE options in code.")
+    print("switch passes off with options={'disable': [...]} in code, or --disable on explain/dump")
     return 0
 
 

@@ -66,6 +66,7 @@ def _trim_annotation_frames(node: fx.Node) -> None:
 
 
 class DeclaredScan(Pattern):
+    """Calls of ``@spcompile.linear_attention`` / ``@spcompile.ssm_scan`` functions → scans."""
     name = "declared_scan"
     kind = "linear_scan"
 
