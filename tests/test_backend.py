@@ -165,3 +165,35 @@ def test_inductor_compiles_the_rewritten_graph():
     c, be = _compile(m, compiler="inductor")
     x = torch.randn(1, 16, 16)
     torch.testing.assert_close(c(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+FAMILIES = [  # (model, kinds every plan must contain, kinds it must not contain)
+    ("LinearAttention", {"linear_scan"}, set()),
+    ("RetNetRetention", {"linear_scan", "positions"}, set()),
+    ("SSDLayer", {"linear_scan"}, set()),
+    ("GPT2Attention", {"attention"}, {"linear_scan"}),
+    ("SoftmaxAttention", {"attention", "positions"}, set()),
+    ("ShortConv", {"halo"}, set()),
+    ("CumsumLinearTransformer", {"cumsum"}, set()),
+    ("NonCausalLinearAttention", {"partial_sum", "reduction"}, set()),
+    ("Hybrid", {"linear_scan", "attention", "halo", "positions", "reduction"}, set()),
+]
+
+
+@pytest.mark.parametrize("name,must,must_not", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_family_graph_plan_for_two_ranks(name, must, must_not):
+    """Each family, planned for 2 ranks (fake group): what matched, no fallback, and the
+    rewritten graph holds spcompile ops instead of the pattern."""
+    import models
+    torch.manual_seed(0)
+    rep = spcompile.explain(getattr(models, name)(), torch.randn(2, 12, 16), world_size=2)
+    kinds = {m.kind for m in rep.matches}
+    assert must <= kinds and not (must_not & kinds), (kinds, str(rep))
+    assert not rep.fallbacks, [str(f) for f in rep.fallbacks]
+    after = rep.ops_after
+    if "linear_scan" in must:
+        assert after.get("spcompile.ops.scan", 0) >= 1 and after.get("torch.matmul", 0) == 0 \
+            or name == "Hybrid", after
+    if "attention" in must:
+        assert not any("scaled_dot_product_attention" in k or k.endswith("softmax")
+                       for k in after), after
