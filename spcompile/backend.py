@@ -121,6 +121,13 @@ def _delegate(compiler: Any) -> Callable:
 def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
     """Run the pass pipeline on a Dynamo graph; returns (rewritten gm, ctx)."""
     from .passes.pipeline import Ctx, run_pipeline
+    from .passes.fallback import SequenceParallelError
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape):
+            raise SequenceParallelError(
+                "spcompile: the graph has dynamic shapes (Dynamo recompiled it for a new length); "
+                "sequence parallelism needs static shard lengths. Compile with "
+                "torch.compile(..., dynamic=False), or keep the sequence length fixed.")
     name, size, rank = resolve_group(opts.group)
     if opts.world_size is not None and opts.world_size != size:
         if size != 1:
