@@ -156,3 +156,11 @@ def check_more_families(rank, P, rec):
         rec.true(f"{name}: matched {sorted(kinds)}", kinds <= got, str(sorted(got)))
         rec.true(f"{name}: zero fallbacks", _fallbacks(be) == 0,
                  str([str(f) for r in be.reports for f in r.fallbacks]))
+
+
+def check_zoo_spellings(rank, P, rec):
+    from models import ZooMix
+    be = compare_sharded(rank, P, rec, "zoo spellings", lambda: ZooMix())
+    rec.true("zoo spellings: two attentions + positions, zero fallbacks",
+             _kinds(be).count("attention") == 2 and "positions" in _kinds(be)
+             and _fallbacks(be) == 0, str(_kinds(be)))

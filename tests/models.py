@@ -288,3 +288,36 @@ class TokenLoop(nn.Module):
             s = 0.9 * s + h[:, t]
             outs.append(s)
         return torch.stack(outs, dim=1)
+
+
+class ZooMix(nn.Module):
+    """Assorted model-zoo spellings: learned position embedding from arange, a manual RMSNorm,
+    an additive ``-inf`` causal mask from ``triu(full(-inf))``, ``Tensor.softmax``, bmm with a
+    [B*H, T, D] layout, and SDPA with a boolean causal ``attn_mask``."""
+
+    def __init__(self, d: int = 16, heads: int = 2, max_len: int = 128):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.pos = nn.Embedding(max_len, d)
+        self.w = nn.Parameter(torch.ones(d))
+        self.qkv = nn.Linear(d, 3 * d)
+        self.qkv2 = nn.Linear(d, 3 * d)
+
+    def rms(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x + self.pos(torch.arange(T, device=x.device))
+        q, k, v = self.qkv(self.rms(x)).chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, T, self.h, self.dh).transpose(1, 2).reshape(B * self.h, T, self.dh)
+                   for t in (q, k, v))
+        mask = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+        att = (torch.bmm(q, k.transpose(1, 2)) / math.sqrt(self.dh) + mask).softmax(dim=-1)
+        y = torch.bmm(att, v).reshape(B, self.h, T, self.dh).transpose(1, 2).reshape(B, T, D)
+        x = x + y
+        q, k, v = (t.view(B, T, self.h, self.dh).transpose(1, 2)
+                   for t in self.qkv2(x).chunk(3, dim=-1))
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        return x + y.transpose(1, 2).reshape(B, T, D)
