@@ -39,7 +39,7 @@ def allreduce(x: Tensor, op: str, group_name: str) -> Tensor:
     adjoint (a sum of the gradients), unlike ``collectives.all_reduce_sum`` whose identity
     backward is for a replicated value every rank back-propagates by itself."""
     if not group_name:
-        return x.clone()
+        return x.contiguous().clone()
     from .collectives import runtime as rt
     pg = rt.resolve_group(group_name)
     return rt.all_reduce(x.contiguous(), op, pg, f"in-graph all_reduce ({op})",
@@ -48,7 +48,7 @@ def allreduce(x: Tensor, op: str, group_name: str) -> Tensor:
 
 @allreduce.register_fake
 def _(x, op, group_name):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the real result
 
 
 def _allreduce_setup(ctx, inputs, output):
@@ -123,11 +123,13 @@ def exclusive_prefix_sum(total: Tensor, group_name: str) -> Tensor:
 
 def sequence_cumsum(x: Tensor, dim: int, group_name: str) -> Tensor:
     """cumsum along a sharded axis: local cumsum + the totals of the earlier ranks."""
-    local = torch.cumsum(x, dim)
     if not group_name:
-        return local
+        return torch.cumsum(x, dim)
+    bar = torch.ops.spcompile.layout_barrier
+    x = bar(x)
+    local = torch.cumsum(x, dim)
     carry = exclusive_prefix_sum(x.sum(dim), group_name)
-    return local + carry.unsqueeze(dim)
+    return bar(local + carry.unsqueeze(dim))
 
 
 def sequence_offset(group_name: str, local_len: int) -> int:
@@ -161,12 +163,14 @@ def scan(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], scale: fl
 # ------------------------------------------------------------------ layout barrier
 @torch.library.custom_op("spcompile::layout_barrier", mutates_args=())
 def layout_barrier(x: Tensor) -> Tensor:
-    """Identity that returns a contiguous tensor, and makes its gradient contiguous too.
+    """Identity that returns a contiguous tensor, and gives its gradient back in ``x``'s layout.
 
-    Around the scan ops the gradients are sums of terms with different layouts; AOTAutograd's
-    fake strides for such sums need not be the strides the real kernels produce, and a later
-    ``view`` then fails. A custom op's output layout is exactly what its fake says, so a barrier
-    on each scan input pins the layout of the gradient that flows back into the user's graph.
+    Around the scan ops the gradients are sums of terms with different layouts. Some ATen
+    backward kernels (``elu_backward``, seen in torch 2.13) then pick a different output layout
+    on real tensors than their meta functions predict, and a later ``view`` in AOTAutograd's
+    backward fails. A custom op's output layout is exactly what its fake says, so a barrier on
+    each rewritten op's inputs pins the layouts: contiguous forward, and a gradient with the
+    strides the user's value had (what plain autograd would hand back).
     """
     return x.contiguous().clone()
 
@@ -176,5 +180,40 @@ def _(x):
     return x.new_empty(x.shape)
 
 
-layout_barrier.register_autograd(lambda ctx, g: layout_barrier(g),
-                                 setup_context=lambda ctx, inputs, output: None)
+@torch.library.custom_op("spcompile::restride", mutates_args=())
+def restride(g: Tensor, stride: List[int]) -> Tensor:
+    """``g``'s values with the given strides (a dense, non-overlapping layout)."""
+    out = torch.empty_strided(g.shape, stride, dtype=g.dtype, device=g.device)
+    out.copy_(g)
+    return out
+
+
+@restride.register_fake
+def _(g, stride):
+    return torch.empty_strided(g.shape, stride, dtype=g.dtype, device=g.device)
+
+
+def _dense_stride(x: Tensor) -> List[int]:
+    """x's strides if they describe a dense non-overlapping layout, else contiguous strides."""
+    order = sorted(range(x.dim()), key=lambda d: x.stride()[d])
+    expect, ok = 1, True
+    for d in order:
+        if x.shape[d] == 1:
+            continue
+        if x.stride()[d] != expect:
+            ok = False
+            break
+        expect *= x.shape[d]
+    if ok:
+        return list(x.stride())
+    return list(torch.empty(x.shape, device="meta").stride())
+
+
+def _barrier_setup(ctx, inputs, output):
+    ctx.stride = _dense_stride(inputs[0])
+
+
+layout_barrier.register_autograd(lambda ctx, g: restride(g.contiguous(), ctx.stride),
+                                 setup_context=_barrier_setup)
+restride.register_autograd(lambda ctx, g: g.contiguous(),
+                           setup_context=lambda ctx, inputs, output: None)

@@ -164,3 +164,8 @@ def check_zoo_spellings(rank, P, rec):
     rec.true("zoo spellings: two attentions + positions, zero fallbacks",
              _kinds(be).count("attention") == 2 and "positions" in _kinds(be)
              and _fallbacks(be) == 0, str(_kinds(be)))
+    from models import HeadsEqualLength
+    be = compare_sharded(rank, P, rec, "arange(heads) == T_local", lambda: HeadsEqualLength(),
+                         T=8 * P)
+    rec.true("arange(heads) == T_local: not taken for positions", "positions" not in _kinds(be),
+             str(_kinds(be)))

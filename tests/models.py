@@ -321,3 +321,18 @@ class ZooMix(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
         return x + y.transpose(1, 2).reshape(B, T, D)
+
+
+class HeadsEqualLength(nn.Module):
+    """``arange(heads)`` where heads equals the local length: not positions (must not shift)."""
+
+    def __init__(self, d: int = 16, heads: int = 8):
+        super().__init__()
+        self.h = heads
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        slopes = 2.0 ** (-(torch.arange(self.h, device=x.device).float() + 1))  # ALiBi-style
+        y = self.lin(x).view(B, T, self.h, D // self.h)
+        return (y * slopes[None, None, :, None]).reshape(B, T, D)

@@ -5,8 +5,9 @@
   with ``torch.permute``/``reshape`` around it where the einsum's letters ask for it;
 * every transpose spelling (``.mT``, ``.T``, ``transpose(-1, -2)``/``(-2, -1)``, ``swapaxes``,
   ``.t()``) → ``torch.permute`` with a full permutation;
-* tensor methods with a same-named ``torch`` function (``x.tril()``, ``x.exp()``,
-  ``x.cumsum(1)``, ``x.masked_fill(m, 0)``, ...) → the function.
+* tensor methods with a same-named ``torch`` function *and the same argument order*
+  (``x.tril()``, ``x.exp()``, ``x.cumsum(1)``, ``x.masked_fill(m, 0)``, ...) → the function
+  (not ``x.where(c, y)`` = ``torch.where(c, x, y)``, nor varargs methods such as ``flip``).
 
 Later passes then match one form. Masks are not rewritten here: detection checks them by value.
 """
@@ -25,8 +26,8 @@ from .pipeline import Ctx, register_pass
 _METHODS_TO_FUNCTIONS = {
     "tril", "triu", "exp", "log", "cumsum", "cumprod", "masked_fill", "sum", "mean", "softmax",
     "log_softmax", "sigmoid", "tanh", "relu", "abs", "sqrt", "rsqrt", "square", "reciprocal",
-    "clamp", "clamp_min", "clamp_max", "amax", "amin", "logsumexp", "where", "unsqueeze",
-    "squeeze", "flip", "cummax", "cummin", "diff", "roll", "sort", "argsort", "topk", "var",
+    "clamp", "clamp_min", "clamp_max", "amax", "amin", "logsumexp", "unsqueeze",
+    "cummax", "cummin", "diff", "sort", "argsort", "topk", "var",
     "std", "norm", "exp2", "log1p", "expm1", "neg", "sin", "cos", "erf", "logcumsumexp",
 }
 

@@ -114,6 +114,8 @@ class Analyzer:
         self.gm, self.ctx = gm, ctx
         self.pl: Dict[fx.Node, Placement] = {}
         self.mixing: Dict[fx.Node, str] = {}  # ops that mix tokens: a pattern or the fallback
+        self.demoted: set = set()  # arange(T) candidates that turned out not to be positions
+        self.conflicts: Dict[fx.Node, str] = {}
 
     def get(self, a: Any) -> Placement:
         if isinstance(a, fx.Node):
@@ -159,6 +161,23 @@ class Analyzer:
 
     # -------------------------------------------------------- main loop
     def run(self) -> Dict[fx.Node, Placement]:
+        """Propagate; an ``arange(T)`` whose values end up combined with a sequence axis along
+        some other dim (``arange(heads)`` when heads == T_local) is demoted and the analysis
+        runs again."""
+        for _ in range(8):
+            pl = self.run_once()
+            bad = set()
+            for node, why in self.conflicts.items():
+                from .graph_utils import ancestors
+                bad |= {a for a in ancestors(node) | {node}
+                        if self.is_positions(a)}
+            if not bad:
+                return pl
+            self.demoted |= bad
+        return pl
+
+    def run_once(self) -> Dict[fx.Node, Placement]:
+        self.pl, self.mixing, self.conflicts = {}, {}, {}
         self.ctx.mixing = self.mixing
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         examples = list(self.ctx.example_inputs)
@@ -206,10 +225,24 @@ class Analyzer:
                 return Shard(q.dim)
         return None
 
+    def is_positions(self, node: fx.Node) -> bool:
+        """``arange(T_local)``: this rank's positions along the sequence (DESIGN.md §1), unless
+        an earlier round found that its values line up with some other axis."""
+        if node in self.demoted or canonical_name(node) != "arange" or self.ctx.seq_len is None:
+            return False
+        a = list(node.args)
+        start, end, step = (0, a[0], 1) if len(a) == 1 else (
+            (a[0], a[1], a[2] if len(a) > 2 else 1) if len(a) >= 2 else (0, None, 1))
+        end = node.kwargs.get("end", end)
+        return start == 0 and end == self.ctx.seq_len and step == 1 and \
+            node.kwargs.get("step", 1) == 1
+
     def rule(self, node: fx.Node) -> Placement:
         meta = node.meta.get("spcompile_placement")
         if meta is not None:  # ops a rewrite created know their own placement
             return meta
+        if self.is_positions(node):
+            return Shard(0)
         ins = node.all_input_nodes
         ps = [self.get(a) for a in ins]
         if all(isinstance(p, Replicate) for p in ps):
@@ -256,9 +289,12 @@ class Analyzer:
         if out_nd < 0:
             return Mixing("elementwise op without a tensor output")
         res: Optional[Placement] = None
+        shards: List[Tuple[int, tuple]] = []  # (output dim, operand shape right-aligned)
         for a in node.all_input_nodes:
             p = self.get(a)
             nd = _nd(a)
+            if isinstance(p, Shard):
+                shards.append((p.dim + out_nd - nd, (1,) * (out_nd - nd) + tuple(shape(a))))
             if isinstance(p, Replicate):
                 continue
             if isinstance(p, Partial):
@@ -285,10 +321,12 @@ class Analyzer:
                     pass
                 elif isinstance(q, Pair) and isinstance(res, Shard) and res.dim in (q.d0, q.d1):
                     res = q
-                elif isinstance(res, Shard) and isinstance(q, Shard):
+                elif isinstance(res, Shard) and isinstance(q, Shard) and \
+                        _outer(shards, res.dim, q.dim):
                     # an outer combination of two sequence axes (i - j, c_i - c_j): T×T
                     res = Pair(min(res.dim, q.dim), max(res.dim, q.dim))
                 else:
+                    self.conflicts[node] = f"{res} vs {q}"
                     return Mixing(f"inputs sharded differently ({res} vs {q})")
         # a replicated operand that spans the sequence length on the sharded dim broadcasts a
         # *local-length* constant: fine (token-local), nothing to do.
@@ -578,6 +616,16 @@ class Analyzer:
                 return Shard(p.dim if p.dim == 0 else p.dim - 1, p.merged)
             return Mixing("cross_entropy over the sequence axis")
         return Mixing(f"cross_entropy with reduction={red!r}", "replicate")
+
+
+def _outer(shards: List[Tuple[int, tuple]], d0: int, d1: int) -> bool:
+    """Do the operands sharded on ``d0`` and ``d1`` broadcast against each other along the
+    sequence (size 1 on the other's sequence dim), as in ``n[:, None] - n[None, :]``?"""
+    for dim, shp in shards:
+        other = d1 if dim == d0 else d0
+        if shp[other] != 1:
+            return False
+    return True
 
 
 def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard) -> Placement:

@@ -209,6 +209,8 @@ class MaskedLinearAttention(Pattern):
         ref, _ = chunked_linear_scan(q4, k4, v4, g, scale, None, 64)
         if V is None:
             ref = ref[..., 0]
+            if O.dim() == len(B) + 2:  # sum(-1, keepdim=True)
+                O = O[..., 0]
             got = _flat_heads(O.unsqueeze(-1), B)[..., 0]
         else:
             got = _flat_heads(O, B)
@@ -292,17 +294,17 @@ def _decay_to_heads(gval: torch.Tensor, dim: int, B: Tuple[int, ...]) -> torch.T
 
 
 def _to_heads(g: fx.Graph, x: fx.Node, B) -> fx.Node:
-    n = g.call_function(_flat_heads, (x, tuple(B)))
+    n = g.call_function(torch.ops.spcompile.layout_barrier.default, (x,))
     set_meta(n)
-    n = g.call_function(torch.ops.spcompile.layout_barrier.default, (n,))
+    n = g.call_function(_flat_heads, (n, tuple(B)))
     set_meta(n)
     return n
 
 
 def _decay_heads_node(g: fx.Graph, x: fx.Node, dim: int, B) -> fx.Node:
-    n = g.call_function(_decay_to_heads, (x, dim, tuple(B)))
+    n = g.call_function(torch.ops.spcompile.layout_barrier.default, (x,))
     set_meta(n)
-    n = g.call_function(torch.ops.spcompile.layout_barrier.default, (n,))
+    n = g.call_function(_decay_to_heads, (n, dim, tuple(B)))
     set_meta(n)
     return n
 

@@ -264,11 +264,8 @@ class Positions(Pattern):
         for node in gm.graph.nodes:
             name = canonical_name(node)
             if name == "arange":
-                a = [x for x in node.args]
-                start, end, step = (0, a[0], 1) if len(a) == 1 else (
-                    a[0], a[1], a[2] if len(a) > 2 else 1)
-                end = node.kwargs.get("end", end)
-                if start == 0 and end == T and step == 1:
+                # the analysis kept it as positions (Shard(0)) after checking its alignment
+                if pl.get(node) == Shard(0):
                     yield Match(self.kind, self.name, node, info={"form": "arange(T)"})
             elif name == "getitem" and isinstance(pl.get(node.args[0]), Replicate):
                 src = node.args[0]
