@@ -169,3 +169,12 @@ def check_zoo_spellings(rank, P, rec):
                          T=8 * P)
     rec.true("arange(heads) == T_local: not taken for positions", "positions" not in _kinds(be),
              str(_kinds(be)))
+
+
+def check_block_loop(rank, P, rec):
+    from models import BlockLoop
+    torch._dynamo.reset()
+    try:
+        compare_sharded(rank, P, rec, "block loop", lambda: BlockLoop(), T=8 * P)
+    except Exception as e:  # noqa: BLE001 - refusing is fine; a wrong number is not
+        rec.true("block loop: refused with a clear error", "spcompile" in str(e), str(e)[:300])

@@ -336,3 +336,24 @@ class HeadsEqualLength(nn.Module):
         slopes = 2.0 ** (-(torch.arange(self.h, device=x.device).float() + 1))  # ALiBi-style
         y = self.lin(x).view(B, T, self.h, D // self.h)
         return (y * slopes[None, None, :, None]).reshape(B, T, D)
+
+
+class BlockLoop(nn.Module):
+    """Lightning-attention style loop over two blocks with a carried state (Python loop)."""
+
+    def __init__(self, d: int = 16, block: int = 4):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.block = block
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        T, C = x.shape[1], self.block
+        kv = torch.zeros(x.shape[0], x.shape[2], x.shape[2])
+        outs = []
+        for i in range(T // C):
+            qi, ki, vi = (t[:, i * C:(i + 1) * C] for t in (q, k, v))
+            intra = ((qi @ ki.transpose(1, 2)) * torch.ones(C, C).tril()) @ vi
+            outs.append(intra + qi @ kv)
+            kv = kv + ki.transpose(1, 2) @ vi
+        return torch.cat(outs, dim=1)

@@ -245,8 +245,16 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
     for node, reason in ctx.mixing.items():
         if canonical_name(node) == "getitem" and reason in _INDEXING and node.users:
             by_source.setdefault(node.args[0], []).append(node)
+    T = ctx.seq_len
     for src, nodes in by_source.items():
-        if len(nodes) >= 3:
+        p = ctx.placements.get(src)
+        spans = [_seq_span(n, p.dim, T) for n in nodes] if isinstance(p, Shard) else []
+        spans = sorted(sp for sp in spans if sp is not None)
+        covered, tiles = 0, len(spans) >= 2
+        for a, b in spans:  # blocks of a loop tile [0, T_local) exactly
+            tiles = tiles and a == covered and b > a
+            covered = b
+        if len(nodes) >= 3 or (tiles and covered == T):
             raise SequenceParallelError(
                 f"spcompile: {len(nodes)} slices/indexes along the sharded sequence axis of one "
                 f"value (first at {source_line(nodes[0]) or nodes[0].name}): a Python loop over "
@@ -254,6 +262,28 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
                 f"it sequence parallel by gathering. Write the layer in a supported form (masked "
                 f"quadratic, segsum, cumsum), or declare it with @spcompile.linear_attention / "
                 f"@spcompile.ssm_scan.")
+
+
+def _seq_span(node: fx.Node, dim: int, T: int):
+    """The [start, stop) a getitem takes along ``dim`` of a length-``T`` axis (None: unknown)."""
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    d = 0
+    for i in idx:
+        if i is None:
+            continue
+        if i is Ellipsis:
+            return None
+        if d == dim:
+            if isinstance(i, int):
+                i = i % T
+                return (i, i + 1)
+            if isinstance(i, slice) and i.step in (None, 1) and all(
+                    isinstance(b, (int, type(None))) for b in (i.start, i.stop)):
+                a, b, _ = i.indices(T)
+                return (a, b)
+            return None
+        d += 1
+    return None
 
 
 def _check_output_shapes(gm: fx.GraphModule, ctx: Ctx, before: list) -> None:
@@ -273,6 +303,32 @@ def _check_output_shapes(gm: fx.GraphModule, ctx: Ctx, before: list) -> None:
                 f"an spcompile annotation.")
 
 
+def _check_local_lengths(gm: fx.GraphModule, ctx: Ctx, ideal, pl) -> None:
+    """A value that should be this rank's shard (its placement before the fallback) but is now
+    computed from gathered values and still has the *local* length was built with sizes of the
+    local shard (blocks of a loop, slices at local offsets): it would be rank 0's values on every
+    rank. Refuse it."""
+    T = ctx.seq_len
+    gathered = {n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "gather_seq"}
+    if not gathered or T is None:
+        return
+    from .graph_utils import ancestors
+    for node in gm.graph.nodes:
+        want = ideal.get(node)
+        if not isinstance(want, Shard) or not isinstance(pl.get(node), Replicate):
+            continue
+        v = tensor_val(node)
+        if v is None or want.dim >= v.dim() or v.shape[want.dim] != T:
+            continue
+        if ancestors(node) & gathered:
+            raise SequenceParallelError(
+                f"spcompile: {canonical_name(node)} at {source_line(node) or node.name} is "
+                f"computed from the gathered sequence with sizes of the local shard (length {T}, "
+                f"e.g. blocks of a Python loop or slices at local offsets), so every rank would "
+                f"get the first shard's values. Write the layer in a supported form or declare "
+                f"it with @spcompile.linear_attention / @spcompile.ssm_scan.")
+
+
 def _output_shapes(gm: fx.GraphModule) -> list:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     args = out.args[0] if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
@@ -284,7 +340,7 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """All-reduce partial sums; gather around uncovered token mixing (warn) or refuse (strict)."""
     if ctx.world_size == 1:
         return gm
-    analyze(gm, ctx)
+    ideal = dict(analyze(gm, ctx))
     _refuse_loops_over_the_sequence(ctx)
     before = _output_shapes(gm)
     local_shapes = {n: tuple(tensor_val(n).shape) for n in gm.graph.nodes
@@ -303,6 +359,8 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         _repropagate(gm, ctx, local_shapes)
         _check_output_shapes(gm, ctx, before)
     pl = analyze(gm, ctx)
+    if ctx.fallbacks:
+        _check_local_lengths(gm, ctx, ideal, pl)
     _wrap_replicated_outputs(gm, ctx)
     gm.recompile()
     return gm
