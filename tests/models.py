@@ -357,3 +357,56 @@ class BlockLoop(nn.Module):
             outs.append(intra + qi @ kv)
             kv = kv + ki.transpose(1, 2) @ vi
         return torch.cat(outs, dim=1)
+
+
+def segsum_exact(x):
+    """Mamba2 reference segsum (naive cumsum difference)."""
+    T = x.size(-1)
+    x_cumsum = torch.cumsum(x, dim=-1)
+    x_segsum = x_cumsum[..., :, None] - x_cumsum[..., None, :]
+    mask = torch.tril(torch.ones(T, T, device=x.device, dtype=torch.bool), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+def ssd_minimal_discrete(X, A, B, C, block_len, initial_states=None):
+    """Mamba2's chunked SSD reference ("ssd_minimal"), written with reshapes instead of einops.
+    X: [b, T, h, p]; A: [b, T, h]; B, C: [b, T, h, n]."""
+    b, T, h, p = X.shape
+    c = T // block_len
+    X, B, C = (t.reshape(b, c, block_len, *t.shape[2:]) for t in (X, B, C))
+    A = A.reshape(b, c, block_len, h).permute(0, 3, 1, 2)  # b h c l
+    A_cumsum = torch.cumsum(A, dim=-1)
+    L = torch.exp(segsum_exact(A))
+    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, X)
+    decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
+    if initial_states is None:
+        initial_states = torch.zeros_like(states[:, :1])
+    states = torch.cat([initial_states, states], dim=1)
+    decay_chunk = torch.exp(segsum_exact(F.pad(A_cumsum[:, :, :, -1], (1, 0))))
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states = new_states[:, :-1]
+    state_decay_out = torch.exp(A_cumsum)
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, state_decay_out)
+    return (Y_diag + Y_off).reshape(b, T, h, p)
+
+
+class ChunkedSSD(nn.Module):
+    """A Mamba2 mixer around the chunked reference SSD (block length 4)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, state: int = 4, block: int = 4):
+        super().__init__()
+        self.h, self.n, self.block = heads, state, block
+        self.proj = nn.Linear(d, d + 2 * heads * state + heads)
+        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 4.0, heads)))
+        self.out = nn.Linear(d, d)
+
+    def forward(self, u):
+        b, T, D = u.shape
+        x, B, C, dt = torch.split(self.proj(u), [D, self.h * self.n, self.h * self.n, self.h], -1)
+        dt = F.softplus(dt)
+        A = -torch.exp(self.A_log) * dt  # [b, T, h]
+        y = ssd_minimal_discrete((x * dt.repeat_interleave(D // self.h, -1)).view(
+            b, T, self.h, -1), A, B.view(b, T, self.h, self.n), C.view(b, T, self.h, self.n),
+            self.block)
+        return self.out(y.reshape(b, T, D))

@@ -32,4 +32,46 @@ def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 ctx.matches.append(found)
             elif isinstance(found, FailedMatch):  # None: not this family at all
                 ctx.near_misses.append(found)
+    _drop_matches_downstream_of_global_regions(ctx)
     return gm
+
+
+def _drop_matches_downstream_of_global_regions(ctx: Ctx) -> None:
+    """A token-mixing op no family covers is computed by the fallback on the gathered
+    sequence. If it changes the sequence length (a pad, a slice, a cat), what follows it holds
+    *global* values, and a family rewritten there would treat them as this rank's shard: such
+    matches are dropped (the fallback computes those ops on the global values too)."""
+    from .graph_utils import shape
+    from .sequence_axis import Replicate, Shard
+    covered = set()
+    for m in ctx.matches:
+        covered |= set(m.nodes) | {m.anchor}
+    unsafe = []
+    for node in ctx.mixing:
+        if node in covered:
+            continue
+        p, out = ctx.placements.get(node), shape(node)
+        if isinstance(p, Replicate):
+            continue  # a global reduction: replicated, correct downstream
+        if isinstance(p, Shard) and out is not None and p.dim < len(out) and \
+                out[p.dim] == ctx.seq_len:
+            continue  # same length: the fallback re-shards it
+        unsafe.append(node)
+    if not unsafe:
+        return
+    region, todo = set(), list(unsafe)
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in region:
+                region.add(u)
+                todo.append(u)
+    keep = []
+    for m in ctx.matches:
+        if m.anchor in region or (set(m.nodes) & region):
+            ctx.near_misses.append(FailedMatch(
+                m.pattern, m.anchor, "downstream of an op computed on the gathered sequence "
+                                     "(left to the fallback)"))
+        else:
+            keep.append(m)
+    ctx.matches[:] = keep

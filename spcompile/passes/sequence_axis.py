@@ -720,6 +720,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "split": Analyzer.split, "chunk": Analyzer.split, "unbind": Analyzer.split,
     "cat": Analyzer.cat, "concat": Analyzer.cat, "concatenate": Analyzer.cat,
     "stack": Analyzer.stack, "expand": Analyzer.expand, "expand_as": Analyzer.expand,
+    "repeat_interleave": Analyzer.split,
     "broadcast_to": Analyzer.expand, "repeat": Analyzer.expand,
     "outer": Analyzer.outer, "ger": Analyzer.outer,
     "sdpa": Analyzer.sdpa, "conv1d": Analyzer.conv1d, "pad": Analyzer.pad,
