@@ -178,3 +178,14 @@ def check_block_loop(rank, P, rec):
         compare_sharded(rank, P, rec, "block loop", lambda: BlockLoop(), T=8 * P)
     except Exception as e:  # noqa: BLE001 - refusing is fine; a wrong number is not
         rec.true("block loop: refused with a clear error", "spcompile" in str(e), str(e)[:300])
+
+
+def check_llama_and_mha(rank, P, rec):
+    from models import LlamaAttention, TorchMHA
+    be = compare_sharded(rank, P, rec, "llama eager attention", lambda: LlamaAttention())
+    rec.true("llama: manual softmax attention + positions, no fallback",
+             "attention" in _kinds(be) and "positions" in _kinds(be) and _fallbacks(be) == 0,
+             str(_kinds(be)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compare_sharded(rank, P, rec, "nn.MultiheadAttention (fallback)", lambda: TorchMHA())

@@ -410,3 +410,35 @@ class ChunkedSSD(nn.Module):
             b, T, self.h, -1), A, B.view(b, T, self.h, self.n), C.view(b, T, self.h, self.n),
             self.block)
         return self.out(y.reshape(b, T, D))
+
+
+class LlamaAttention(nn.Module):
+    """HF-Llama-style eager attention: RoPE from position_ids, repeat_kv (GQA), finfo.min
+    causal mask, float32 softmax; and nn.MultiheadAttention (computed by the fallback)."""
+
+    def __init__(s, d=16, h=4, hkv=2):
+        super().__init__(); s.h, s.hkv, s.dh = h, hkv, d//h
+        s.q=nn.Linear(d,d,bias=False); s.k=nn.Linear(d,hkv*s.dh,bias=False); s.v=nn.Linear(d,hkv*s.dh,bias=False); s.o=nn.Linear(d,d,bias=False)
+        inv = 1.0/(10000**(torch.arange(0, s.dh, 2).float()/s.dh)); s.register_buffer("inv_freq", inv, persistent=False)
+    def forward(s, x):
+        B,T,_=x.shape
+        q=s.q(x).view(B,T,s.h,s.dh).transpose(1,2); k=s.k(x).view(B,T,s.hkv,s.dh).transpose(1,2); v=s.v(x).view(B,T,s.hkv,s.dh).transpose(1,2)
+        position_ids = torch.arange(T, device=x.device).unsqueeze(0).expand(B, -1)
+        inv = s.inv_freq[None, :, None].float().expand(B, -1, 1)
+        freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1); cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        def rot(t): t1, t2 = t[..., :t.shape[-1]//2], t[..., t.shape[-1]//2:]; return torch.cat((-t2, t1), -1)
+        q = q*cos + rot(q)*sin; k = k*cos + rot(k)*sin
+        k = k[:, :, None].expand(B, s.hkv, s.h//s.hkv, T, s.dh).reshape(B, s.h, T, s.dh)
+        v = v[:, :, None].expand(B, s.hkv, s.h//s.hkv, T, s.dh).reshape(B, s.h, T, s.dh)
+        w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(s.dh)
+        mask = torch.full((T, T), torch.finfo(x.dtype).min).triu(1)
+        w = w + mask[None, None]
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(w, v).transpose(1, 2).reshape(B, T, -1)
+        return s.o(out)
+class TorchMHA(nn.Module):
+    def __init__(s): super().__init__(); s.m = nn.MultiheadAttention(16, 2, batch_first=True)
+    def forward(s, x):
+        T = x.shape[1]; mask = nn.Transformer.generate_square_subsequent_mask(T)
+        return s.m(x, x, x, attn_mask=mask, need_weights=False, is_causal=True)[0]
