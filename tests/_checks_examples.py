@@ -29,7 +29,8 @@ def check_all_examples(rank, P, rec):
             torch.manual_seed(0)
             torch._dynamo.reset()
             model, inputs = mod.factory()
-            errs, be = sharded_vs_eager(model, inputs, rank, P)
+            errs, be = sharded_vs_eager(model, inputs, rank, P,
+                                        **getattr(mod, "COMPILE_OPTIONS", {}))
         except Exception:
             rec.rows.append(dict(name=f"{name}: runs", err=float("inf"), tol=0.0,
                                  info=traceback.format_exc()[-2500:]))

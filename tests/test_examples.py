@@ -18,12 +18,7 @@ KNOWN_FALLBACKS: dict = {}
 
 # examples that do not yet run correctly sharded, and why (xfail, not strict: they pass once
 # the cause is fixed).
-KNOWN_BROKEN = {
-    "linear_transformer": "torch 2.13 bug, not spcompile's: plain torch.compile(backend="
-                          "'aot_eager') fails on this model too. elu_backward's meta function "
-                          "predicts other strides than the CPU kernel returns when the gradient "
-                          "and the input differ in layout, and AOTAutograd's view then fails",
-}
+KNOWN_BROKEN: dict = {}
 
 _ROWS = {}
 
