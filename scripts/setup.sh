@@ -18,5 +18,8 @@ V="$VENV/bin/python"
 if ! "$V" -c "import torch" >/dev/null 2>&1; then
   "$V" -m pip install -q torch==2.13.0
 fi
-"$V" -m pip install -q -e ".[test]"
+# --no-deps: the package's own requirement "torch>=2.11" must never make pip swap the torch in
+# place (an old one would be "upgraded" to a multi-GB CUDA build); the rest is listed here.
+"$V" -m pip install -q --no-deps -e .
+"$V" -m pip install -q "sympy>=1.12" "networkx>=3" "pytest>=8" numpy matplotlib "triton>=3.6"
 "$V" -c "import torch, spcompile; print('spcompile', spcompile.__version__, 'torch', torch.__version__)"
