@@ -22,4 +22,10 @@ fi
 # place (an old one would be "upgraded" to a multi-GB CUDA build); the rest is listed here.
 "$V" -m pip install -q --no-deps -e .
 "$V" -m pip install -q "sympy>=1.12" "networkx>=3" "pytest>=8" numpy matplotlib "triton>=3.6"
-"$V" -c "import torch, spcompile; print('spcompile', spcompile.__version__, 'torch', torch.__version__)"
+"$V" -c "
+import sys, torch, spcompile
+major, minor = (int(p) for p in torch.__version__.split('.')[:2])
+if (major, minor) < (2, 11):
+    sys.exit(f'spcompile needs torch >= 2.11; this environment has {torch.__version__} '
+             '(upgrade it yourself, or remove .venv and run this script without that torch)')
+print('spcompile', spcompile.__version__, 'torch', torch.__version__)"
