@@ -189,3 +189,10 @@ def check_llama_and_mha(rank, P, rec):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compare_sharded(rank, P, rec, "nn.MultiheadAttention (fallback)", lambda: TorchMHA())
+
+
+def check_gla_parallel(rank, P, rec):
+    from models import GLAParallel
+    be = compare_sharded(rank, P, rec, "GLA parallel form", lambda: GLAParallel())
+    rec.true("GLA parallel form: scan + prefix sum, no fallback",
+             {"linear_scan", "cumsum"} <= set(_kinds(be)) and _fallbacks(be) == 0, str(_kinds(be)))

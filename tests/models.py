@@ -442,3 +442,25 @@ class TorchMHA(nn.Module):
     def forward(s, x):
         T = x.shape[1]; mask = nn.Transformer.generate_square_subsequent_mask(T)
         return s.m(x, x, x, attn_mask=mask, need_weights=False, is_causal=True)[0]
+
+
+class GLAParallel(nn.Module):
+    """GLA's parallel form with vector gates: (q ⊙ e^{G}) (k ⊙ e^{-G})ᵀ ⊙ causal, G = cumsum(log g)."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.gate = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, self.dh).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, -1))
+        g = F.logsigmoid(self.gate(x)).view(B, T, self.h, self.dh).transpose(1, 2) / 8
+        G = g.cumsum(dim=2)  # [B, H, T, d]
+        qg, kg = q * G.exp(), k * (-G).exp()
+        A = (qg @ kg.transpose(-1, -2)) * torch.ones(T, T).tril() * self.dh ** -0.5
+        o = A @ v
+        return self.o(o.transpose(1, 2).reshape(B, T, D))

@@ -7,7 +7,7 @@ from dist_harness import assert_rows, run_checks
 
 P2 = ["check_masked_strategies", "check_spellings", "check_no_mixing", "check_hybrid",
       "check_decay_families", "check_more_families", "check_zoo_spellings", "check_block_loop",
-      "check_llama_and_mha",
+      "check_llama_and_mha", "check_gla_parallel",
       "check_fallback"]
 P4 = ["check_allscan", "check_auto_strategy", "check_hybrid", "check_decay_families",
       "check_more_families",
