@@ -12,7 +12,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import torch
 import torch.fx as fx
 
 

@@ -12,7 +12,7 @@ With ``group_name == ""`` (P = 1) every op here is the identity.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist

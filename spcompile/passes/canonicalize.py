@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import operator
 import string
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
-from .graph_utils import canonical_name, set_meta, shape, val
+from .graph_utils import canonical_name, set_meta, shape
 from .pipeline import Ctx, register_pass
 
 _METHODS_TO_FUNCTIONS = {

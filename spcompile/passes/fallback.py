@@ -14,18 +14,17 @@ At P = 1 nothing here changes the graph.
 """
 from __future__ import annotations
 
-import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.fx as fx
 
 from .. import ops as spops
-from .graph_utils import canonical_name, run_node_on_values, set_meta, shape, tensor_val, val
+from .graph_utils import canonical_name, run_node_on_values, set_meta, tensor_val, val
 from .pipeline import Ctx, register_pass, source_line
-from .sequence_axis import Mixing, Pair, Partial, Replicate, Shard, analyze
+from .sequence_axis import Pair, Partial, Replicate, Shard, analyze
 
 
 class SequenceParallelError(RuntimeError):

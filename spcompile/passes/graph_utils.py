@@ -155,15 +155,6 @@ def depends_on_inputs(node: fx.Node, data_inputs: Set[fx.Node]) -> bool:
     return bool(ancestors(node) & data_inputs) or node in data_inputs
 
 
-def add_constant(gm: fx.GraphModule, prefix: str, value: torch.Tensor) -> str:
-    i = 0
-    while hasattr(gm, f"{prefix}{i}"):
-        i += 1
-    name = f"{prefix}{i}"
-    gm.register_buffer(name, value)
-    return name
-
-
 def _fake_mode_of(values: List[Any]):
     from torch._subclasses.fake_tensor import FakeTensor
     for v in values:

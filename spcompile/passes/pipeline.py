@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-import torch
 import torch.fx as fx
 
 PassFn = Callable[[fx.GraphModule, "Ctx"], fx.GraphModule]

@@ -7,7 +7,7 @@ At P = 1 there is nothing to hand off: the strategy is 'local'.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch.fx as fx
 

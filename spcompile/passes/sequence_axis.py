@@ -19,15 +19,14 @@ The rules below are the ``RULES`` table: op name → function(node, placements) 
 from __future__ import annotations
 
 import math
-import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
-from .graph_utils import arg, canonical_name, shape, tensor_val, val
-from .pipeline import Ctx, register_pass, source_line
+from .graph_utils import arg, canonical_name, shape, val
+from .pipeline import Ctx, register_pass
 
 
 @dataclass(frozen=True)
@@ -347,11 +346,7 @@ class Analyzer:
         if not isinstance(p, Shard):
             return Mixing(f"{name} of {p}")
         red = set(range(nd)) if all_dims else {_norm(d, nd) for d in dims}
-        if p.dim in red:
-            kind = REDUCTIONS[name]
-            if len(red) > 1 or not keep:
-                if p.dim in red and len(red) < nd and not keep:
-                    return Mixing(f"{name} over the sequence", "replicate")
+        if p.dim in red:  # a global value: the reduction family or the fallback computes it
             return Mixing(f"{name} over the sequence", "replicate")
         if isinstance(val(node), tuple):  # max(dim) returns (values, indices)
             new = p.dim - sum(1 for d in red if d < p.dim) if not keep else p.dim

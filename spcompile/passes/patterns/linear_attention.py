@@ -19,9 +19,8 @@ pattern accept every spelling without being fooled by any.
 """
 from __future__ import annotations
 
-import math
 import operator
-from typing import Any, Iterable, List, Optional, Set, Tuple
+from typing import Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -29,10 +28,10 @@ import torch.fx as fx
 from ... import ops as spops
 from ...kernels import check_linear_scan
 from ...kernels.linear_scan.reference import chunked_linear_scan
-from ..graph_utils import (add_constant, ancestors, arg, canonical_name, evaluate, set_meta,
+from ..graph_utils import (ancestors, arg, canonical_name, evaluate, set_meta,
                            shape, tensor_val)
 from ..pipeline import Ctx
-from ..sequence_axis import ELEMENTWISE, Pair, Replicate, Shard
+from ..sequence_axis import ELEMENTWISE, Pair, Shard
 from .base import FailedMatch, Found, Match, Pattern
 
 _PASS_THROUGH = ELEMENTWISE | {"permute", "reshape", "view", "expand", "contiguous",

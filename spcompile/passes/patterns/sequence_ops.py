@@ -17,14 +17,14 @@ At P = 1 every family still matches (``explain`` shows it) but there is nothing 
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from ... import ops as spops
-from ..graph_utils import arg, canonical_name, evaluate, set_meta, shape, tensor_val, val
+from ..graph_utils import arg, canonical_name, evaluate, set_meta, shape, val
 from ..pipeline import Ctx
 from ..sequence_axis import Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
@@ -196,9 +196,7 @@ class CausalConv1d(Pattern):
         return rest_ok and last.stop in (T, -(shape(node.args[0])[-1] - T))
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
-        pl = ctx.placements
         x = m.bindings["x"]
-        # placements of the pad form: the pad node is mixing, its input is the shard
         if ctx.world_size == 1:
             return
         g = gm.graph

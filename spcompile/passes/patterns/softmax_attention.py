@@ -10,17 +10,16 @@ must equal ``scaled_dot_product_attention`` of the bound roles. The rewrite is t
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
 from ..graph_utils import canonical_name, evaluate, set_meta, shape
 from ..pipeline import Ctx
 from ..sequence_axis import Pair, Shard
 from .base import FailedMatch, Found, Match, Pattern
-from .linear_attention import _flat_heads, _unflat, find_scores
+from .linear_attention import find_scores
 from .sequence_ops import _finish, _sdpa_sp
 
 
