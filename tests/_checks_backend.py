@@ -147,7 +147,7 @@ def check_decay_families(rank, P, rec):
 def check_more_families(rank, P, rec):
     from models import CumsumLinearTransformer, GPT2Attention, NonCausalLinearAttention
     cases = (("gpt2 manual softmax", GPT2Attention, {"attention"}),
-             ("cumsum-form linear transformer", CumsumLinearTransformer, {"cumsum"}),
+             ("cumsum-form linear transformer", CumsumLinearTransformer, {"linear_scan"}),
              ("non-causal linear attention", NonCausalLinearAttention,
               {"partial_sum", "reduction"}))
     for name, mk, kinds in cases:

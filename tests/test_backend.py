@@ -174,7 +174,7 @@ FAMILIES = [  # (model, kinds every plan must contain, kinds it must not contain
     ("GPT2Attention", {"attention"}, {"linear_scan"}),
     ("SoftmaxAttention", {"attention", "positions"}, set()),
     ("ShortConv", {"halo"}, set()),
-    ("CumsumLinearTransformer", {"cumsum"}, set()),
+    ("CumsumLinearTransformer", {"linear_scan"}, {"cumsum"}),
     ("NonCausalLinearAttention", {"partial_sum", "reduction"}, set()),
     ("Hybrid", {"linear_scan", "attention", "halo", "positions", "reduction"}, set()),
 ]

@@ -2,6 +2,7 @@
 from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import MaskedLinearAttention
 from .softmax_attention import ManualSoftmaxAttention
+from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, Positions, SDPAttention, SequenceCumsum,
                            SequenceReduction, TokenShift)
 
@@ -12,7 +13,7 @@ def all_patterns():
 
 
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
-            SequenceReduction, CrossEntropy, SequenceCumsum]
+            SequenceReduction, CrossEntropy, CumsumLinearAttention, SequenceCumsum]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 
 __all__ = ["FailedMatch", "Found", "Match", "Pattern", "REGISTRY", "all_patterns"]
