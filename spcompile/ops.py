@@ -15,21 +15,17 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 
-def _group(name: str):
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    return _resolve_process_group(name)
-
-
 def _size(name: str) -> int:
-    return 1 if not name else dist.get_world_size(_group(name))
+    from .collectives import group_size
+    return group_size(name)
 
 
 def _rank(name: str) -> int:
-    return 0 if not name else dist.get_rank(_group(name))
+    from .collectives import group_rank
+    return group_rank(name)
 
 
 # ------------------------------------------------------------------ all-reduce (adjoint: itself)
@@ -84,13 +80,8 @@ def gather_seq(x: Tensor, dim: int, group_name: str) -> Tensor:
 
 def shard_slice(x: Tensor, dim: int, group_name: str) -> Tensor:
     """This rank's contiguous slice along ``dim`` (adjoint: zero-padding, by autograd)."""
-    if not group_name:
-        return x
-    P, r = _size(group_name), _rank(group_name)
-    n = x.shape[dim]
-    if n % P:
-        raise ValueError(f"spcompile: cannot shard a length-{n} dim over {P} ranks")
-    return x.narrow(dim, r * (n // P), n // P)
+    from .collectives import shard_sequence
+    return shard_sequence(x, dim, group_name)
 
 
 # ------------------------------------------------------------------ gradient scaling

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -26,12 +25,7 @@ from spcompile.kernels.linear_scan import linear_scan
 DT = torch.float64
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from dist_harness import free_port  # noqa: E402  (one helper for every spawning test)
 
 
 class Recorder:

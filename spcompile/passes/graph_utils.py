@@ -167,12 +167,9 @@ def run_node_on_values(node: fx.Node, env_val=val) -> Any:
     """Compute a node's output from its inputs' example values (fake or real)."""
     args = fx.node.map_arg(node.args, env_val)
     kwargs = fx.node.map_arg(node.kwargs, env_val)
-    flat = [a for a in fx.node.map_aggregate((args, kwargs), lambda x: x)
-            if isinstance(a, torch.Tensor)]
     leaves: List[Any] = []
     fx.node.map_aggregate((args, kwargs), lambda x: leaves.append(x) or x)
-    mode = _fake_mode_of([x for x in leaves if isinstance(x, torch.Tensor)])
-    del flat
+    mode = _fake_mode_of(leaves)
 
     def call():
         if node.op == "call_function":
