@@ -7,7 +7,9 @@ The quadratic form is what model code writes for causal linear attention with de
 decay; all ones for plain linear attention), an ``O(T²)`` computation and a ``T×T`` mask per
 head. The reference (``chunked_linear_scan``, chunk 64) is ``O(T·C)``. Both run in fp32 on the
 same inputs; the table gives median wall-clock milliseconds (forward, and forward+backward) and
-the speedup, and the script checks that both compute the same output.
+the speedup, and the script checks that both compute the same output. "chunked" is the public op
+``spcompile.kernels.linear_scan`` on CPU: the reference forward and its hand-written chunked
+backward; forward+backward takes gradients for q, k, v and the gates.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spcompile.kernels.linear_scan.reference import chunked_linear_scan  # noqa: E402
+from spcompile.kernels.linear_scan import linear_scan  # noqa: E402
 
 
 def quadratic(q, k, v, log_decay, scale):
@@ -38,7 +40,8 @@ def quadratic(q, k, v, log_decay, scale):
 
 
 def chunked(q, k, v, log_decay, scale):
-    return chunked_linear_scan(q, k, v, log_decay, scale, None, 64)[0]
+    """The public op on CPU: the chunked reference forward and its hand-written backward."""
+    return linear_scan(q, k, v, log_decay, scale=scale, chunk_size=64)[0]
 
 
 def timeit(fn, reps: int) -> float:
@@ -74,10 +77,12 @@ def main() -> None:
                         fn(q, k, v, ld, scale)  # warm-up
                         res[name] = timeit(lambda: fn(q, k, v, ld, scale), args.reps)
                 else:
-                    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+                    # gradients for q, k, v and the (learned) gates
+                    leaves = [None if x is None else x.clone().requires_grad_()
+                              for x in (q, k, v, ld)]
 
                     def step():
-                        fn(*leaves, ld, scale).sum().backward()
+                        fn(*leaves[:3], leaves[3], scale).sum().backward()
                     step()
                     res[name] = timeit(step, args.reps)
             row = {"T": T, "B": B, "H": H, "D": D, "decay": kind, "mode": mode,

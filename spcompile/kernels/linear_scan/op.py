@@ -5,20 +5,19 @@ PyTorch reference. ``SPCOMPILE_KERNEL=reference`` forces the reference (debuggin
 forces Triton (with ``TRITON_INTERPRET=1`` this runs the kernels on CPU).
 
 The backward is a custom op too (``spcompile::linear_scan_bwd``), so AOTAutograd and Inductor see
-both directions as opaque calls; the reference backward recomputes the chunked forward under
-autograd inside that op.
+both directions as opaque calls; the reference backward is hand-written
+(``reference.chunked_linear_scan_bwd``: chunked, one sequential [K, V] recurrence per direction).
 """
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .reference import chunked_linear_scan, decay_kind
+from .reference import chunked_linear_scan, chunked_linear_scan_bwd, decay_kind
 
 _KERNEL_ENV = "SPCOMPILE_KERNEL"
 
@@ -105,38 +104,6 @@ def _(q, k, v, log_decay, initial_state, scale, chunk_size):
     return (q.new_empty(B, T, H, V, dtype=v.dtype), q.new_empty(B, H, K, V, dtype=_state_dtype(q)))
 
 
-def _reference_bwd(q, k, v, log_decay, initial_state, do, dS, scale, chunk_size):
-    """VJP of the chunked reference, by recomputing it under autograd.
-
-    A custom op's body runs with the Autograd dispatch keys excluded in thread-local state, so the
-    recompute runs on a short-lived worker thread, whose dispatch state is fresh.
-    """
-    box = {}
-
-    def work():
-        try:
-            leaves = [x.detach().requires_grad_() if x is not None else None
-                      for x in (q, k, v, log_decay, initial_state)]
-            with torch.enable_grad():
-                o, S = chunked_linear_scan(*leaves[:4], scale, leaves[4], chunk_size)
-                inputs = [x for x in leaves if x is not None]
-                grads = iter(torch.autograd.grad([o, S], inputs, [do, dS], allow_unused=True))
-            box["out"] = [None if x is None else _or_zeros(next(grads), x) for x in leaves]
-        except BaseException as e:  # re-raised on the caller's thread
-            box["err"] = e
-
-    t = threading.Thread(target=work, name="spcompile-linear-scan-bwd")
-    t.start()
-    t.join()
-    if "err" in box:
-        raise box["err"]
-    return box["out"]
-
-
-def _or_zeros(g, x):
-    return torch.zeros_like(x) if g is None else g
-
-
 @torch.library.custom_op("spcompile::linear_scan_bwd", mutates_args=())
 def _linear_scan_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
                      initial_state: Optional[Tensor], do: Tensor, dS: Tensor, scale: float,
@@ -146,7 +113,8 @@ def _linear_scan_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor
         from .triton_impl import linear_scan_bwd
         grads = linear_scan_bwd(q, k, v, log_decay, scale, initial_state, chunk_size, do, dS)
     else:
-        grads = _reference_bwd(q, k, v, log_decay, initial_state, do, dS, scale, chunk_size)
+        grads = chunked_linear_scan_bwd(q, k, v, log_decay, scale, initial_state, chunk_size,
+                                        do, dS)
     return [q.new_empty(0) if g is None else g.contiguous() for g in grads]
 
 
