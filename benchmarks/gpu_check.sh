@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# One-shot device run (see benchmarks/RESULTS.md), in one Python process so that the launch
-# configs chosen by --sweep are the ones checked and benchmarked:
-#   1. --sweep: time the scalar-decay op at T=32768 under the candidate launch configs,
-#   2. --check: Triton vs the fp64 reference on CUDA (fwd + every gradient, all decay kinds,
+# One-shot device run (see benchmarks/RESULTS.md), in one Python process:
+#   1. --check: Triton vs the fp64 reference on CUDA (fwd + every gradient, all decay kinds,
 #      bf16/fp32, T not a multiple of the chunk, K=V=64 and 128),
-#   3. the benchmark vs fla (when .whl/ carries fla-core) and the reference.
+#   2. the benchmark vs fla (when .whl/ carries fla-core) and the reference; spcompile's launch
+#      configs are autotuned on each problem's first call (outside the timing) and listed.
 # Writes device.txt, bench.log and bench.jsonl under $OUT (default ./out).
 #   usage: bash benchmarks/gpu_check.sh [SECONDS] [extra kernels.py args]
 set -u
@@ -20,5 +19,5 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
-timeout "$LIMIT" python3 benchmarks/kernels.py --sweep --check --jsonl "$OUT/bench.jsonl" "$@" \
+timeout "$LIMIT" python3 benchmarks/kernels.py --check --jsonl "$OUT/bench.jsonl" "$@" \
   2>&1 | tee "$OUT/bench.log"

@@ -10,7 +10,8 @@ spcompile's Triton path, fla 0.6 when importable (plain: ``chunk_linear_attn(nor
 per-head: ``chunk_retention``, whose decays spcompile is given too; scalar: ``chunk_simple_gla``;
 vector: ``chunk_gla``) and the chunked PyTorch reference, the ratio fla/spcompile from the same
 run, and the roofline (max of bytes / 3.0 TB/s and flops / 790 TFLOP/s, ANCHORS.md's figures).
-One JSON line per case is printed (and appended to ``--jsonl``), then a table.
+One JSON line per case is printed (and appended to ``--jsonl``), then a table, then the launch
+configs the Triton path's autotuner picked (``--no-autotune`` benchmarks the untuned defaults).
 """
 from __future__ import annotations
 
@@ -174,62 +175,6 @@ def print_table(rows: List[Dict]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def _c(bk, bv, w, s, split=None):
-    c = {"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
-    return c if split is None else {"SPLIT": split, **c}
-
-
-# Launch configurations tried by --sweep, per kernel group of triton_impl.CFG (first = default).
-# "state" also chooses between the sequential recurrence (SPLIT 0) and the split form (1).
-SWEEP: Dict[str, List[Dict[str, int]]] = {
-    "state": [_c(64, 64, 4, 2, 0), _c(64, 32, 4, 2, 0), _c(128, 64, 8, 2, 0), _c(128, 32, 4, 3, 0),
-              _c(64, 64, 4, 3, 0), _c(64, 64, 8, 2, 0),
-              _c(32, 64, 4, 3, 1), _c(16, 128, 4, 3, 1), _c(32, 32, 2, 3, 1), _c(64, 64, 4, 4, 1),
-              _c(16, 64, 2, 4, 1), _c(32, 64, 4, 2, 1)],
-    "outer": [_c(64, 64, 4, 2), _c(128, 128, 8, 2), _c(128, 64, 8, 2), _c(64, 128, 8, 2),
-              _c(64, 64, 4, 3)],
-    "o": [_c(64, 128, 8, 2), _c(64, 64, 4, 2), _c(64, 64, 4, 3), _c(64, 64, 8, 2), _c(128, 64, 8, 2),
-          _c(128, 128, 8, 2)],
-    "dv": [_c(64, 128, 8, 2), _c(64, 64, 4, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 2)],
-    "dqk": [_c(64, 64, 4, 2), _c(64, 64, 8, 2), _c(64, 64, 4, 3), _c(128, 64, 8, 2),
-            _c(64, 128, 8, 2)],
-}
-
-
-# --quick: the subset of SWEEP tried (indices)
-QUICK = {"state": (0, 2, 6, 7, 9), "outer": (0, 1), "o": (0, 1, 5), "dv": (0, 1), "dqk": (0, 4)}
-
-
-def run_sweep(args) -> Dict:
-    """Greedy launch-config search (state → outer → o → dv → dqk) on the scalar-decay op at the largest
-    T; each group keeps its fastest config (forward time for state/o, fwd+bwd for dv/dqk)."""
-    from spcompile.kernels.linear_scan import triton_impl as ti
-    inputs = make("scalar", 1, max(args.T), args.H, args.D, args.D, torch.bfloat16, args.device)
-    chosen = {}
-    sweep = SWEEP if not args.quick else {n: [c for i, c in enumerate(v) if i in QUICK[n]]
-                                          for n, v in SWEEP.items()}
-    for name, fb in (("state", False), ("outer", False), ("o", False), ("dv", True),
-                     ("dqk", True)):
-        if name == "outer" and not ti.CFG["state"].get("SPLIT"):
-            continue
-        best = None
-        for cfg in sweep[name]:
-            ti.CFG[name] = dict(cfg)
-            try:
-                ms = bench(sp_fn, inputs, fb, rep=40)
-            except Exception as e:  # e.g. out of shared memory for a large tile
-                print(json.dumps({"sweep": name, "cfg": cfg, "error": str(e)[:200]}), flush=True)
-                continue
-            print(json.dumps({"sweep": name, "mode": "fwd+bwd" if fb else "fwd", "cfg": cfg,
-                              "ms": round(ms, 4)}), flush=True)
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        ti.CFG[name] = dict(best[1])
-        chosen[name] = best[1]
-    print(json.dumps({"sweep_chosen": chosen}), flush=True)
-    return chosen
-
-
 def check_case(dt, kind: str, B: int, T: int, H: int, D: int, dev: str) -> Dict:
     """One Triton-vs-fp64-reference comparison: output, final state and every gradient."""
     from spcompile.kernels.linear_scan import kernel_for
@@ -297,13 +242,16 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per case to this file")
-    ap.add_argument("--sweep", action="store_true",
-                    help="pick launch configs by timing (before --check and the benchmark)")
+    ap.add_argument("--no-autotune", action="store_true",
+                    help="benchmark the untuned default launch configs "
+                         "(SPCOMPILE_TRITON_AUTOTUNE=0) instead of the autotuned ones")
     ap.add_argument("--quick", action="store_true",
-                    help="fewer sweep configs and check cases (short device leases)")
+                    help="fewer check cases (short device leases)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny CPU run of this script's plumbing (needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
+    if args.no_autotune:
+        os.environ["SPCOMPILE_TRITON_AUTOTUNE"] = "0"
     args.H, args.D, args.device = 16, 128, "cuda"
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -321,9 +269,8 @@ def main() -> None:
         info["fla"] = md.version("fla-core")
     except Exception:
         info["fla"] = None
+    info["autotune"] = not args.no_autotune
     print(json.dumps(info), flush=True)
-    if args.sweep:
-        info["cfg"] = run_sweep(args)
     if args.check or args.check_only:
         ok = run_check(args)
         print(json.dumps({"check_passed": ok}), flush=True)
@@ -333,9 +280,15 @@ def main() -> None:
     print()
     print(f"B=1 H={args.H} K=V={args.D} bf16 on {info['device']} (torch {info['torch']}, triton "
           f"{info['triton']}, fla {info['fla']}); do_bench median ms")
-    if "cfg" in info:
-        print(f"launch configs (from --sweep): {json.dumps(info['cfg'])}")
     print_table(rows)
+    from spcompile.kernels.linear_scan import triton_impl
+    picks = triton_impl.tuned_configs()
+    print(f"\nlaunch configs: {'autotuned (first call per problem class)' if picks else 'defaults'}")
+    for key, cfg in picks.items():
+        print(f"  {key}: {json.dumps(cfg)}")
+        if args.jsonl:
+            with open(args.jsonl, "a") as fh:
+                fh.write(json.dumps({"tuned": key, "cfg": cfg}) + "\n")
 
 
 if __name__ == "__main__":

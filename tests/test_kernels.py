@@ -22,7 +22,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 from functools import lru_cache  # noqa: E402
-from typing import Dict, List, Optional  # noqa: E402
+from typing import Dict, Optional  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -159,6 +159,26 @@ TRITON_CASES = [
 _SPLIT_CFG = '{"state": {"SPLIT": 1, "BK": 16, "BV": 16}}'
 
 
+def _candidate_cfg(i: int) -> str:
+    """SPCOMPILE_TRITON_CFG pinning every kernel group to its i-th autotune candidate (cycling),
+    so that the tile shapes the GPU autotuner may pick are all checked here."""
+    from spcompile.kernels.linear_scan.triton_impl import CANDIDATES
+    return json.dumps({n: c[i % len(c)] for n, c in CANDIDATES.items()})
+
+
+def _n_candidates() -> int:
+    try:
+        from spcompile.kernels.linear_scan.triton_impl import CANDIDATES
+    except ImportError:
+        return 0
+    return max(len(c) for c in CANDIDATES.values())
+
+
+# every autotune candidate's tiles, at K = V = 128 so that no tile is clamped away
+TRITON_CASES += [(f"scalar-cand{i}", 1, 70, 1, 128, 128, "float32", True)
+                 for i in range(_n_candidates())]
+
+
 def _case_id(c) -> str:
     return "-".join(str(x) for x in c)
 
@@ -168,7 +188,8 @@ def run_triton_case(case) -> Dict[str, float]:
     from spcompile.kernels.linear_scan import triton_impl
     kind, B, T, H, K, V, dt, with_h0 = case
     extreme, split = kind.endswith("-extreme"), kind.endswith("-split")
-    kind = kind.replace("-extreme", "").replace("-split", "")
+    cand = int(kind.split("-cand")[1]) if "-cand" in kind else None
+    kind = kind.replace("-extreme", "").replace("-split", "").split("-cand")[0]
     inp = make_inputs(kind, B, T, H, K, V, getattr(torch, dt), with_h0, seed=T + K, extreme=extreme)
     scale = K ** -0.5
 
@@ -181,12 +202,13 @@ def run_triton_case(case) -> Dict[str, float]:
                                    16)
 
     old = os.environ.get("SPCOMPILE_TRITON_CFG")
-    if split:
-        os.environ["SPCOMPILE_TRITON_CFG"] = _SPLIT_CFG
+    pinned = _SPLIT_CFG if split else _candidate_cfg(cand) if cand is not None else None
+    if pinned:
+        os.environ["SPCOMPILE_TRITON_CFG"] = pinned
     try:
         return compare(grads_of(tri, inp), grads_of(ref, inp), floor=1.0 if extreme else 1e-30)
     finally:
-        if split:
+        if pinned:
             os.environ.pop("SPCOMPILE_TRITON_CFG")
             if old is not None:
                 os.environ["SPCOMPILE_TRITON_CFG"] = old
@@ -278,6 +300,50 @@ def test_triton_matches_reference(case):
         _check(errs, 2e-2, _case_id(case), dg_tol=5e-2)
     else:
         _check(errs, 1e-4, _case_id(case))
+
+
+@triton_available
+def test_autotune_picks_fastest_and_skips_failures():
+    """The autotuner's choice (CUDA timing replaced by a fake timer): fastest wins, configs that
+    fail to launch are skipped, all failing raises the first error; off on CPU/interpreter."""
+    from spcompile.kernels.linear_scan import triton_impl as ti
+    cands = [{"BK": 64, "t": 3.0}, {"BK": 32, "t": 1.0}, {"BK": 16, "t": None}, {"BK": 8, "t": 2.0}]
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg["BK"])
+        if cfg["t"] is None:
+            raise RuntimeError("out of resources: shared memory")
+        return cfg["t"]
+
+    assert ti.pick_fastest(cands, launch, lambda fn: fn())["BK"] == 32
+    assert 16 in launched  # tried, failed, skipped
+    with pytest.raises(RuntimeError, match="out of resources"):
+        ti.pick_fastest([cands[2]], launch, lambda fn: fn())
+    assert not ti.autotune_enabled(torch.zeros(1))
+    # every candidate list starts with the untuned default
+    for name, lst in ti.CANDIDATES.items():
+        assert {k: ti.CFG[name][k] for k in lst[0]} == lst[0], name
+
+
+@triton_available
+def test_triton_cfg_override_errors():
+    from spcompile.kernels.linear_scan import triton_impl as ti
+    old = os.environ.get("SPCOMPILE_TRITON_CFG")
+    try:
+        os.environ["SPCOMPILE_TRITON_CFG"] = '{"stat": {"BK": 32}}'
+        with pytest.raises(ValueError, match="unknown kernels"):
+            ti._cfg("state")
+        os.environ["SPCOMPILE_TRITON_CFG"] = "BK=32"
+        with pytest.raises(ValueError, match="JSON object"):
+            ti._cfg("state")
+        os.environ["SPCOMPILE_TRITON_CFG"] = '{"state": {"BK": 32}}'
+        assert ti._cfg("dstate")["BK"] == 32 and ti._pinned("dstate") and not ti._pinned("o")
+    finally:
+        if old is None:
+            os.environ.pop("SPCOMPILE_TRITON_CFG", None)
+        else:
+            os.environ["SPCOMPILE_TRITON_CFG"] = old
 
 
 @triton_available

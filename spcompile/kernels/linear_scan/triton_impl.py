@@ -6,17 +6,22 @@ Backward: recompute ``h`` (and ``A``) → reverse state-gradient recurrence ``dh
 state) → [vector decay: ``dA``, intra parts of dq/dk] → dv → dq, dk and the decay gradient.
 
 Block sizes: chunk ``BT`` = 64 (the requested chunk size rounded down to a power of two in
-[16, 64]; the result does not depend on it), sub-chunk ``BC`` = 16 for vector decays; the
-K/V tiles, warps and pipeline stages of each kernel come from ``CFG`` (chosen on an H100, see
-benchmarks/RESULTS.md; ``SPCOMPILE_TRITON_CFG`` = a JSON dict of overrides, e.g.
-``{"state": {"BV": 32, "num_stages": 3}}``, for tuning runs). Any K, V >= 1 work (tiles are
-masked); K, V in {16..128} are the tuned range.
+[16, 64]; the result does not depend on it), sub-chunk ``BC`` = 16 for vector decays. The K/V
+tiles, warps and pipeline stages of the five heavy kernels (``state``, ``dstate``, ``o``, ``dv``,
+``dqk``) are **autotuned** on CUDA: the first call for a problem class (kernel, decay kind, dtype,
+K, V, chunk, and B·H and the chunk count rounded up to powers of two) times every candidate in
+``CANDIDATES`` with CUDA events and keeps the fastest (``tuned_configs()`` lists the picks). No
+tuning under ``TRITON_INTERPRET=1``, during CUDA-graph capture, or with
+``SPCOMPILE_TRITON_AUTOTUNE=0``: then ``CFG`` (each list's first entry) is used.
+``SPCOMPILE_TRITON_CFG`` = a JSON dict of overrides, e.g. ``{"state": {"BV": 32}}``, pins a
+kernel's config (``state`` pins ``dstate`` too) and skips its tuning. Any K, V >= 1 work (tiles
+are masked); K, V in {16..128} are the tuned range.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,27 +40,133 @@ from .reference import LOG_DECAY_FLOOR, decay_kind
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BC = 16
 
-# Per kernel: tile caps (BK, BV) and launch options. "state" = the two sequential recurrences
-# (fwd_state, bwd_dstate), "o" = fwd_o, "dv" / "dqk" = the backward tiles.
-# "state" with SPLIT=1 replaces each recurrence by "outer" (per-chunk products, parallel) and an
-# elementwise scan launched with the "state" tiles; on an H100 (B=1, H=16, T=32768) it measured
-# 3.6x slower than the sequential kernels, so it is off. "o" and "dv" are the --sweep's picks.
-CFG: Dict[str, Dict[str, int]] = {
-    "state": {"SPLIT": 0, "BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
-    "outer": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
-    "o": {"BK": 64, "BV": 128, "num_warps": 8, "num_stages": 2},
-    "dv": {"BK": 64, "BV": 128, "num_warps": 8, "num_stages": 2},
-    "dqk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+def _c(bk: int, bv: int, w: int, st: int) -> Dict[str, int]:
+    return {"BK": bk, "BV": bv, "num_warps": w, "num_stages": st}
+
+
+# Candidate launch configs per kernel group (the first of each list is the untuned default, from
+# an H100 sweep: benchmarks/RESULTS.md). "state" = the forward inter-chunk recurrence, "dstate"
+# its reverse in the backward (64 programs of a sequential chain at B·H=16 and 64x64 tiles,
+# hence the smaller tiles and warp counts), "o" = outputs, "dv" / "dqk" = the backward tiles.
+CANDIDATES: Dict[str, List[Dict[str, int]]] = {
+    "state": [_c(64, 64, 4, 2), _c(32, 64, 4, 2), _c(64, 32, 4, 2), _c(32, 32, 2, 2),
+              _c(32, 64, 2, 3), _c(64, 64, 8, 3), _c(64, 64, 4, 3)],
+    "o": [_c(64, 128, 8, 2), _c(64, 64, 4, 2), _c(128, 64, 8, 2), _c(128, 128, 8, 2),
+          _c(64, 64, 4, 3), _c(32, 64, 4, 2)],
+    "dv": [_c(64, 128, 8, 2), _c(64, 64, 4, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 2),
+           _c(32, 64, 4, 2)],
+    "dqk": [_c(64, 64, 4, 2), _c(64, 64, 8, 2), _c(64, 64, 4, 3), _c(128, 64, 8, 2),
+            _c(64, 128, 8, 2), _c(32, 64, 4, 2)],
 }
+CANDIDATES["dstate"] = [dict(x) for x in CANDIDATES["state"]]
+
+# Untuned configs. "state" with SPLIT=1 replaces each recurrence by "outer" (per-chunk products,
+# parallel) and an elementwise scan launched with the "state" tiles; on an H100 (B=1, H=16,
+# T=32768) it measured 3.6x slower than the sequential kernels, so it is off (and not tuned).
+CFG: Dict[str, Dict[str, int]] = {
+    "state": {"SPLIT": 0, **CANDIDATES["state"][0]},
+    "dstate": dict(CANDIDATES["dstate"][0]),
+    "outer": _c(64, 64, 4, 2),
+    "o": dict(CANDIDATES["o"][0]),
+    "dv": dict(CANDIDATES["dv"][0]),
+    "dqk": dict(CANDIDATES["dqk"][0]),
+}
+
+_AUTOTUNE_ENV = "SPCOMPILE_TRITON_AUTOTUNE"
+_TUNED: Dict[tuple, Dict[str, int]] = {}
+
+
+def _overrides() -> Dict[str, Dict[str, int]]:
+    env = os.environ.get("SPCOMPILE_TRITON_CFG")
+    if not env:
+        return {}
+    try:
+        got = json.loads(env)
+    except ValueError as e:
+        raise ValueError(f"SPCOMPILE_TRITON_CFG must be a JSON object like "
+                         f'{{"state": {{"BV": 32}}}}; got {env!r} ({e})') from None
+    unknown = sorted(set(got) - set(CFG))
+    if unknown:
+        raise ValueError(f"SPCOMPILE_TRITON_CFG names unknown kernels {unknown}; known: "
+                         f"{sorted(CFG)}")
+    return got
 
 
 def _cfg(name: str) -> Dict[str, int]:
-    """CFG[name] with SPCOMPILE_TRITON_CFG's overrides applied."""
+    """CFG[name] with SPCOMPILE_TRITON_CFG's overrides applied ("state" also pins "dstate")."""
     c = dict(CFG[name])
-    env = os.environ.get("SPCOMPILE_TRITON_CFG")
-    if env:
-        c.update(json.loads(env).get(name, {}))
+    ov = _overrides()
+    if name == "dstate":
+        c.update({k: v for k, v in ov.get("state", {}).items() if k != "SPLIT"})
+    c.update(ov.get(name, {}))
     return c
+
+
+def _pinned(name: str) -> bool:
+    ov = _overrides()
+    return name in ov or (name == "dstate" and "state" in ov)
+
+
+def autotune_enabled(x: Tensor) -> bool:
+    """Tune launch configs for tensors like ``x``? (CUDA, compiled kernels, not capturing.)"""
+    if os.environ.get(_AUTOTUNE_ENV, "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def tuned_configs() -> Dict[str, Dict[str, int]]:
+    """The autotuner's picks so far: ``"kernel kind dtype K=.. V=.. BT=.. BH<=.. NT<=.."`` → config."""
+    out = {}
+    for key, cfg in _TUNED.items():
+        name, kind, dt, K, V, BT, bh, nt = key
+        out[f"{name} {kind} {str(dt).replace('torch.', '')} K={K} V={V} BT={BT} BH<={bh} "
+            f"NT<={nt}"] = dict(cfg)
+    return out
+
+
+def _time_ms(fn, reps: int = 5, rounds: int = 3) -> float:
+    """Best of ``rounds`` averages of ``reps`` calls, CUDA events on the current stream."""
+    best = float("inf")
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
+
+
+def pick_fastest(candidates: List[Dict[str, int]], launch: Callable[[Dict[str, int]], object],
+                 timer: Callable[[Callable[[], object]], float]) -> Dict[str, int]:
+    """The candidate whose ``launch`` ``timer`` measures fastest; candidates that fail to compile
+    or launch (e.g. out of shared memory) are skipped; if all fail the first error is raised."""
+    best, best_ms, first_err = None, float("inf"), None
+    for cand in candidates:
+        try:
+            launch(cand)  # compile + warm up
+            ms = timer(lambda: launch(cand))
+        except Exception as e:  # noqa: BLE001 - a config the card cannot run is skipped
+            first_err = first_err or e
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is None:
+        raise first_err
+    return best
+
+
+def _run(c: "_Cfg", name: str, x: Tensor, launch: Callable[[Dict[str, int]], object]):
+    """Launch kernel group ``name`` with its tuned config (tuning it first when needed)."""
+    cfg = c.cfg[name]
+    if not _pinned(name) and autotune_enabled(x):
+        key = (name, c.kind, x.dtype, c.K, c.V, c.BT, triton.next_power_of_2(c.B * c.H),
+               triton.next_power_of_2(c.NT))
+        cfg = _TUNED.get(key)
+        if cfg is None:
+            cfg = _TUNED[key] = pick_fastest(CANDIDATES[name], launch, _time_ms)
+    return launch(cfg)
 
 
 def _launch(c: Dict[str, int]) -> Dict[str, int]:
@@ -148,10 +259,15 @@ def _states(c: _Cfg, k: Tensor, v: Tensor, gc: Optional[Tensor], h0: Optional[Te
     if c.cfg["state"].get("SPLIT", 0):
         return _split_states(c, k, v, gc, h0, ht, 1.0, False), ht
     h = k.new_empty(c.B, c.NT, c.H, c.K, c.V)
-    grid = (c.NKS, c.NVS, c.B * c.H)
-    _k.fwd_state_kernel[grid](k, v, gc, h, h0, ht, c.T, c.NT, c.H, c.K, c.V, c.BT, c.BKS, c.BVS,
-                              c.USE_G, c.USE_GK, h0 is not None, store_final, c.PREC,
-                              **_launch(c.cfg["state"]))
+
+    def launch(cfg):
+        BK, BV = _tile(c.K, cfg["BK"]), _tile(c.V, cfg["BV"])
+        grid = (triton.cdiv(c.K, BK), triton.cdiv(c.V, BV), c.B * c.H)
+        _k.fwd_state_kernel[grid](k, v, gc, h, h0, ht, c.T, c.NT, c.H, c.K, c.V, c.BT, BK, BV,
+                                  c.USE_G, c.USE_GK, h0 is not None, store_final, c.PREC,
+                                  **_launch(cfg))
+
+    _run(c, "state", k, launch)
     return h, ht
 
 
@@ -178,11 +294,14 @@ def linear_scan_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]
     h, ht = _states(c, k, v, gc, initial_state, True)
     A = _intra_A(c, q, k, gc) if c.USE_GK else None
     o = torch.empty_like(v)
-    co = c.cfg["o"]
-    BK, BV = _tile(c.K, co["BK"]), _tile(c.V, co["BV"])
-    grid = (triton.cdiv(c.V, BV), c.NT, c.B * c.H)
-    _k.fwd_o_kernel[grid](q, k, v, h, gc, A, o, scale, c.T, c.NT, c.H, c.K, c.V, c.BT, BK, BV,
-                          c.USE_G, c.USE_GK, c.PREC, **_launch(co))
+
+    def launch(cfg):
+        BK, BV = _tile(c.K, cfg["BK"]), _tile(c.V, cfg["BV"])
+        grid = (triton.cdiv(c.V, BV), c.NT, c.B * c.H)
+        _k.fwd_o_kernel[grid](q, k, v, h, gc, A, o, scale, c.T, c.NT, c.H, c.K, c.V, c.BT, BK,
+                              BV, c.USE_G, c.USE_GK, c.PREC, **_launch(cfg))
+
+    _run(c, "o", q, launch)
     return o, ht
 
 
@@ -207,9 +326,14 @@ def linear_scan_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]
         dh = _split_states(c, q, do, gc, dS, dh0, scale, True)
     else:
         dh = q.new_empty(B, NT, H, K, V)
-        _k.bwd_dstate_kernel[(c.NKS, c.NVS, B * H)](
-            q, do, gc, dS, dh, dh0, scale, T, NT, H, K, V, c.BT, c.BKS, c.BVS, c.USE_G,
-            c.USE_GK, dh0 is not None, c.PREC, **_launch(c.cfg["state"]))
+
+        def launch_dstate(cfg):
+            BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+            _k.bwd_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+                q, do, gc, dS, dh, dh0, scale, T, NT, H, K, V, c.BT, BK, BV, c.USE_G,
+                c.USE_GK, dh0 is not None, c.PREC, **_launch(cfg))
+
+        _run(c, "dstate", q, launch_dstate)
 
     A = dqi = dki = None
     if c.USE_GK:
@@ -224,24 +348,31 @@ def linear_scan_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]
             q, k, gc, dA, dqi, dki, T, H, K, c.BT, _BC, BKi, c.NC, c.PREC, num_warps=2)
 
     dv = torch.empty_like(v)
-    cv = c.cfg["dv"]
-    BK, BV = _tile(K, cv["BK"]), _tile(V, cv["BV"])
-    _k.bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
-        q, k, gc, A, do, dh, dv, scale, T, NT, H, K, V, c.BT, BK, BV, c.USE_G, c.USE_GK, c.PREC,
-        **_launch(cv))
+
+    def launch_dv(cfg):
+        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+        _k.bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
+            q, k, gc, A, do, dh, dv, scale, T, NT, H, K, V, c.BT, BK, BV, c.USE_G, c.USE_GK,
+            c.PREC, **_launch(cfg))
+
+    _run(c, "dv", q, launch_dv)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    cq = c.cfg["dqk"]
-    BK, BV = _tile(K, cq["BK"]), _tile(V, cq["BV"])
-    NK = triton.cdiv(K, BK)
-    if c.USE_GK:
-        dgb = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
-    elif c.USE_G:
-        dgb = torch.empty(NK, B, T, H, device=q.device, dtype=torch.float32)
-    else:
-        dgb = None
-    _k.bwd_dqk_kernel[(NK, NT, B * H)](q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dgb, scale,
-                                        T, NT, H, K, V, c.BT, BK, BV, c.USE_G, c.USE_GK, c.PREC,
-                                        **_launch(cq))
+
+    def launch_dqk(cfg):
+        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+        NK = triton.cdiv(K, BK)
+        if c.USE_GK:
+            dgb = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+        elif c.USE_G:  # partial sums per K block, summed below
+            dgb = torch.empty(NK, B, T, H, device=q.device, dtype=torch.float32)
+        else:
+            dgb = None
+        _k.bwd_dqk_kernel[(NK, NT, B * H)](q, k, v, h, gc, do, dh, dqi, dki, dq, dk, dgb, scale,
+                                            T, NT, H, K, V, c.BT, BK, BV, c.USE_G, c.USE_GK,
+                                            c.PREC, **_launch(cfg))
+        return dgb
+
+    dgb = _run(c, "dqk", q, launch_dqk)
     dg = None
     if log_decay is not None:
         if c.USE_G:
