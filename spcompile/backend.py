@@ -122,7 +122,8 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
     from .passes.pipeline import Ctx, run_pipeline
     from .passes.fallback import SequenceParallelError
     for x in example_inputs:
-        if isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape):
+        if isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor)
+                                           and any(isinstance(s, torch.SymInt) for s in x.shape)):
             raise SequenceParallelError(
                 "spcompile: the graph has dynamic shapes (Dynamo recompiled it for a new length); "
                 "sequence parallelism needs static shard lengths. Compile with "
@@ -139,6 +140,22 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
     return gm, ctx
 
 
+def _static_recompiles() -> None:
+    """Make Dynamo recompile a new input shape statically instead of generalising it.
+
+    By default Dynamo turns a dimension symbolic the second time it sees it change (a smaller
+    last batch, a new sequence length); spcompile needs static shard lengths, so it switches that
+    off (``torch._dynamo.config.automatic_dynamic_shapes = False``). It also makes hitting the
+    recompile limit an error (``fail_on_recompile_limit_hit``): Dynamo would otherwise run the
+    frame eagerly, which on a shard of the sequence gives silently wrong numbers. Both are
+    process-wide Dynamo settings; ``dynamic=True`` still gets the clear error of ``transform``.
+    """
+    import torch._dynamo.config as cfg
+    cfg.automatic_dynamic_shapes = False
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+
+
 class SPBackend:
     """A configured backend: ``torch.compile(model, backend=SPBackend(opts))``."""
 
@@ -148,6 +165,7 @@ class SPBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         from .explain import Report
+        _static_recompiles()
         gm, ctx = transform(gm, example_inputs, self.opts)
         report = Report.from_ctx(ctx, gm)
         self.reports.append(report)

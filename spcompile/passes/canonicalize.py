@@ -9,7 +9,9 @@
   (``x.tril()``, ``x.exp()``, ``x.cumsum(1)``, ``x.masked_fill(m, 0)``, ...) → the function
   (not ``x.where(c, y)`` = ``torch.where(c, x, y)``, nor varargs methods such as ``flip``).
 
-Later passes then match one form. Masks are not rewritten here: detection checks them by value.
+Checkpointed blocks (``torch.utils.checkpoint``) and other ``wrap`` bodies are inlined first,
+keeping their recompute tags (``inline_hops.py``). Later passes then match one form. Masks are
+not rewritten here: detection checks them by value.
 """
 from __future__ import annotations
 
@@ -224,6 +226,8 @@ def _canon_transpose(gm: fx.GraphModule, node: fx.Node) -> bool:
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Spellings → one vocabulary (matmul, permute, torch functions)."""
+    from .inline_hops import inline_wrappers
+    inline_wrappers(gm)  # activation-checkpointed / wrapped bodies → the flat graph
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue

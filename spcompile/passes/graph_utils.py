@@ -115,9 +115,22 @@ def ancestors(node: fx.Node, stop: Optional[Set[fx.Node]] = None) -> Set[fx.Node
     return seen
 
 
+def _no_autocast():
+    import contextlib
+    stack = contextlib.ExitStack()
+    for dev in ("cpu", "cuda"):
+        if dev == "cuda" and not torch.cuda.is_available():
+            continue
+        stack.enter_context(torch.autocast(dev, enabled=False))
+    return stack
+
+
 def evaluate(gm: fx.GraphModule, targets: Iterable[fx.Node], example_inputs: List[Any],
              cache: Optional[Dict[fx.Node, Any]] = None) -> List[Any]:
-    """Concrete values of ``targets`` on the example inputs (runs only their ancestors)."""
+    """Concrete values of ``targets`` on the example inputs (runs only their ancestors).
+
+    Runs in full precision: a graph compiled under ``torch.autocast`` would otherwise be
+    evaluated in bf16/fp16 here and fail the value checks' tolerances."""
     targets = list(targets)
     cache = {} if cache is None else cache
     needed: Set[fx.Node] = set(targets)
@@ -127,7 +140,7 @@ def evaluate(gm: fx.GraphModule, targets: Iterable[fx.Node], example_inputs: Lis
     env: Dict[fx.Node, Any] = {}
     for n, x in zip(placeholders, example_inputs):
         env[n] = x
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast():
         for n in gm.graph.nodes:
             if n not in needed or n.op in ("placeholder", "output"):
                 continue
