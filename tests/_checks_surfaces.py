@@ -12,7 +12,7 @@ import torch.utils.checkpoint as cp
 
 import spcompile
 from _checks_backend import compare_sharded
-from models import Hybrid, two_layer
+from models import Block, Hybrid, LinearAttention, ShortConv, SoftmaxAttention, two_layer
 
 
 class CheckpointWhole(nn.Module):
@@ -48,6 +48,25 @@ class DictOut(nn.Module):
     def forward(self, x):
         h = self.inner(x)
         return {"logits": self.head(h), "pooled": h.mean(1)}
+
+
+class GraphBreaks(nn.Module):
+    """A data-dependent branch and a print split the model into several Dynamo graphs; sharded
+    values cross the graph boundaries as plain tensors."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.b1 = Block(LinearAttention(d, spelling="mul"), d)
+        self.conv = ShortConv(d)
+        self.b2 = Block(SoftmaxAttention(d, heads=2, kv_heads=1), d)
+
+    def forward(self, x):
+        h = self.b1(x)
+        if h.abs().max() > 1e6:  # reads a global max: the same branch on every rank
+            h = h * 0.5
+        h = self.conv(h)
+        print("", end="")
+        return self.b2(h), h.mean()
 
 
 def _shard(t, rank, P):
@@ -119,3 +138,9 @@ def check_new_shapes(rank, P, rec):
         x = torch.randn(B, T, 16)
         got = c(spcompile.shard_sequence(x, dim=1))
         rec.close(f"new shapes: B={B} T={T}", got, _shard(m(x), rank, P))
+
+
+def check_graph_breaks(rank, P, rec):
+    be = compare_sharded(rank, P, rec, "graph breaks", lambda: GraphBreaks())
+    rec.true("graph breaks: several graphs, each rewritten", len(be.reports) >= 2,
+             str(len(be.reports)))
