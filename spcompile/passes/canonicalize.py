@@ -1,5 +1,6 @@
 """Pass 1 — canonicalize: many spellings, one vocabulary.
 
+* ``baddbmm(inp, a, b, beta, alpha)`` → ``beta·inp + alpha·(a @ b)`` (``inp`` dropped at beta 0);
 * every matrix product (``@``, ``torch.matmul``, ``bmm``, ``Tensor.matmul``, two-operand
   ``einsum`` contractions, multi-operand ``einsum`` chains split pairwise) → ``torch.matmul``,
   with ``torch.permute``/``reshape`` around it where the einsum's letters ask for it;
@@ -223,17 +224,68 @@ def _canon_transpose(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+_VIEW_OPS = {"view", "reshape", "transpose", "permute", "getitem", "expand", "unsqueeze",
+             "squeeze", "t", "T", "mT", "narrow", "unflatten", "flatten", "view_as", "unbind",
+             "split", "chunk", "diagonal", "as_strided", "select", "movedim", "swapaxes",
+             "expand_as", "contiguous", "unfold", "detach", "alias", "real", "imag",
+             "view_as_real", "view_as_complex"}
+
+
+def _functionalize_inplace(gm: fx.GraphModule) -> None:
+    """``a.masked_fill_(m, 0)`` on an intermediate → ``a2 = a.masked_fill(m, 0)``, later uses
+    of ``a`` read ``a2`` (fla's ``naive_parallel_based`` masks its scores in place). Only where
+    nothing else aliases ``a`` (no view of it, and it is no view): a mutation seen through a
+    view stays as written."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        t = node.target
+        if node.op != "call_method" or not isinstance(t, str) or not t.endswith("_") or \
+                t.startswith("_") or not hasattr(torch.Tensor, t[:-1]):
+            continue
+        a = node.args[0] if node.args else None
+        if not isinstance(a, fx.Node) or a.op in ("placeholder", "get_attr") or \
+                canonical_name(a) in _VIEW_OPS or \
+                any(canonical_name(u) in _VIEW_OPS for u in a.users):
+            continue
+        new = _new(gm, node, t[:-1], tuple(node.args), dict(node.kwargs), op="call_method")
+        later = [u for u in a.users if u is not node and u is not new and order.get(u, -1) > order[node]]
+        for u in later:
+            u.replace_input_with(a, new)
+        _replace(gm, node, new)
+
+
+def _lower_baddbmm(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``baddbmm(inp, a, b, beta=β, alpha=α)`` → ``β·inp + α·(a @ b)`` (Megatron's core attention
+    scores: ``baddbmm(empty, q, kᵀ, beta=0, alpha=1/√d)``). With β = 0 ``inp`` is ignored, as
+    torch ignores it (its NaNs do not propagate)."""
+    inp, a, b = node.args[:3]
+    beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+    alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
+        return  # symbolic coefficients: left alone (treated as an opaque op)
+    out = _new(gm, node, torch.matmul, (a, b))
+    if alpha != 1:
+        out = _new(gm, node, operator.mul, (out, alpha))
+    if beta != 0:
+        scaled = inp if beta == 1 else _new(gm, node, operator.mul, (inp, beta))
+        out = _new(gm, node, operator.add, (scaled, out))
+    _replace(gm, node, out)
+
+
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Spellings → one vocabulary (matmul, permute, torch functions)."""
     from .inline_hops import inline_wrappers
     inline_wrappers(gm)  # activation-checkpointed / wrapped bodies → the flat graph
+    _functionalize_inplace(gm)
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
         name = canonical_name(node)
         if name == "einsum":
             _lower_einsum(gm, node)
+        elif name == "baddbmm" and len(node.args) >= 3:
+            _lower_baddbmm(gm, node)
         elif name == "matmul" and not (node.op == "call_function" and
                                        node.target is torch.matmul):
             new = _new(gm, node, torch.matmul, tuple(node.args[:2]))

@@ -541,6 +541,18 @@ class Analyzer:
             return p
         return Mixing("split along the sequence axis", d)
 
+    def unbind(self, node: fx.Node) -> Placement:
+        """``x.unbind(d)`` (dim is the 2nd argument; each piece loses dim ``d``), e.g. timm's
+        ``qkv.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``."""
+        x = node.args[0]
+        p = self.get(x)
+        d = _norm(arg(node, 1, "dim", 0), _nd(x))
+        if isinstance(p, Shard) and p.dim != d:
+            return Shard(p.dim - (1 if d < p.dim else 0), p.merged)
+        if isinstance(p, (Replicate, Partial)):
+            return p
+        return Mixing("unbind along the sequence axis", d)
+
     def cat(self, node: fx.Node) -> Placement:
         tensors = node.args[0]
         d = arg(node, 1, "dim", 0)
@@ -712,7 +724,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "embedding": Analyzer.embedding, "normalize": Analyzer.last_dim_local,
     "size": Analyzer.size_query, "dim": Analyzer.size_query, "shape": Analyzer.size_query,
     "getattr": Analyzer.size_query,
-    "split": Analyzer.split, "chunk": Analyzer.split, "unbind": Analyzer.split,
+    "split": Analyzer.split, "chunk": Analyzer.split, "unbind": Analyzer.unbind,
     "cat": Analyzer.cat, "concat": Analyzer.cat, "concatenate": Analyzer.cat,
     "stack": Analyzer.stack, "expand": Analyzer.expand, "expand_as": Analyzer.expand,
     "repeat_interleave": Analyzer.split,
