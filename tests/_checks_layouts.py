@@ -1,6 +1,7 @@
 """Worker-side checks for tests/test_layouts_dist.py: layouts and spellings of other code bases —
 timm's ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``, Megatron's sequence-first ``[s, b, h]`` layout
-with ``baddbmm`` scores (``seq_dim=0``) — sharded on gloo ranks against the full eager run."""
+with ``baddbmm`` scores (``seq_dim=0``), ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` —
+sharded on gloo ranks against the full eager run."""
 from __future__ import annotations
 
 import copy
@@ -100,6 +101,49 @@ class SeqFirstStack(nn.Module):
         return x, x.pow(2).mean()
 
 
+class TutorialTransformerLM(nn.Module):
+    """The PyTorch tutorial's causal encoder: nn.TransformerEncoder, square subsequent mask."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, dropout=0.0,
+                                           batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.size(1))
+        return self.enc(x, mask=mask, is_causal=True)
+
+
+class MHABoolMask(nn.Module):
+    """nn.MultiheadAttention with a boolean triu mask (True = masked out), weights unused."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        T = x.size(1)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+        h = self.norm(x)
+        out, _ = self.attn(h, h, h, attn_mask=mask)  # need_weights defaults to True
+        return x + out
+
+
+class MHASeqFirstBidirectional(nn.Module):
+    """Sequence-first nn.MultiheadAttention without a mask (an encoder), then a mean."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 4)
+
+    def forward(self, x):  # x [B, T, D] → the module wants [T, B, D]
+        y = self.attn(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1),
+                      need_weights=False)[0]
+        return y.transpose(0, 1), y.mean()
+
+
 def _fallbacks(be):
     return [str(f) for r in be.reports for f in r.fallbacks]
 
@@ -138,3 +182,13 @@ def check_seq_first(rank, P, rec):
     rec.true("seq-first: scan + attention matched, zero fallbacks",
              {"linear_scan", "attention"} <= set(kinds) and not _fallbacks(be),
              f"{kinds} {_fallbacks(be)}"[:300])
+
+
+def check_torch_nn_attention(rank, P, rec):
+    for name, make in (("nn.TransformerEncoder causal", TutorialTransformerLM),
+                       ("nn.MultiheadAttention bool mask", MHABoolMask),
+                       ("nn.MultiheadAttention seq-first, no mask", MHASeqFirstBidirectional)):
+        be = compare_sharded(rank, P, rec, name, make)
+        kinds = sorted(m.kind for r in be.reports for m in r.matches)
+        rec.true(f"{name}: lowered to attention, zero fallbacks",
+                 "attention" in kinds and not _fallbacks(be), f"{kinds} {_fallbacks(be)}"[:300])

@@ -1,6 +1,7 @@
 """Pass 1 — canonicalize: many spellings, one vocabulary.
 
 * ``baddbmm(inp, a, b, beta, alpha)`` → ``beta·inp + alpha·(a @ b)`` (``inp`` dropped at beta 0);
+* ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) → projections + SDPA;
 * every matrix product (``@``, ``torch.matmul``, ``bmm``, ``Tensor.matmul``, two-operand
   ``einsum`` contractions, multi-operand ``einsum`` chains split pairwise) → ``torch.matmul``,
   with ``torch.permute``/``reshape`` around it where the einsum's letters ask for it;
@@ -272,6 +273,84 @@ def _lower_baddbmm(gm: fx.GraphModule, node: fx.Node) -> None:
     _replace(gm, node, out)
 
 
+_MHA_PARAMS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+               "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p",
+               "out_proj_weight", "out_proj_bias", "training", "key_padding_mask", "need_weights",
+               "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight",
+               "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True,
+                 "attn_mask": None, "use_separate_proj_weight": False, "q_proj_weight": None,
+                 "k_proj_weight": None, "v_proj_weight": None, "static_k": None,
+                 "static_v": None, "average_attn_weights": True, "is_causal": False}
+
+
+def _lower_mha(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, ``nn.Transformer*``) →
+    projections, ``scaled_dot_product_attention`` and the output projection, so that the
+    attention family sees it. Only the plain case is lowered: no ``bias_k``/``bias_v``,
+    ``add_zero_attn``, ``static_k/v``, key padding mask, attention dropout while training, and
+    the attention weights unused; anything else stays one opaque op (gathered by the fallback)."""
+    a = dict(_MHA_DEFAULTS)
+    a.update(zip(_MHA_PARAMS, node.args))
+    a.update(node.kwargs)
+    drop = a["dropout_p"]
+    if (a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]
+            or a["static_k"] is not None or a["static_v"] is not None
+            or a["key_padding_mask"] is not None or isinstance(drop, fx.Node)
+            or (drop and a["training"])):
+        return
+    if any(not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0)
+           for u in node.users):
+        return  # the attention weights are read
+    q_in, k_in, v_in = a["query"], a["key"], a["value"]
+    if not all(isinstance(t, fx.Node) and len(shape(t) or ()) == 3 for t in (q_in, k_in, v_in)):
+        return  # unbatched [T, E] inputs: left alone
+    T, B, E = shape(q_in)
+    S = shape(k_in)[0]
+    H = int(a["num_heads"])
+    bias = a["in_proj_bias"]
+    if a["use_separate_proj_weight"]:
+        ws = [a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]]
+    else:
+        ws = [_new(gm, node, operator.getitem, (_new(gm, node, torch.chunk,
+                                                      (a["in_proj_weight"], 3)), i))
+              for i in range(3)]
+    bs = [None] * 3
+    if bias is not None:
+        chunks = _new(gm, node, torch.chunk, (bias, 3))
+        bs = [_new(gm, node, operator.getitem, (chunks, i)) for i in range(3)]
+    heads = []
+    for x, w, b, L in ((q_in, ws[0], bs[0], T), (k_in, ws[1], bs[1], S), (v_in, ws[2], bs[2], S)):
+        y = _new(gm, node, torch._C._nn.linear, (x, w, b))
+        y = _new(gm, node, torch.reshape, (y, (L, B, H, -1)))
+        heads.append(_new(gm, node, torch.permute, (y, (1, 2, 0, 3))))  # [B, H, L, hd]
+    mask, causal = a["attn_mask"], bool(a["is_causal"])
+    if causal and not a["need_weights"]:
+        mask = None  # is_causal with a mask given: torch uses the causal kernel and no mask
+    elif mask is not None:
+        mv = node.meta.get("example_value")
+        dt = (mv[0] if isinstance(mv, (tuple, list)) else mv).dtype
+        if tensor_val_dtype(mask) == torch.bool:  # True = masked out → additive -inf
+            zeros = _new(gm, node, torch.zeros_like, (mask,), {"dtype": dt})
+            mask = _new(gm, node, torch.masked_fill, (zeros, mask, float("-inf")))
+        if len(shape(mask)) == 3:  # [B*H, T, S]
+            mask = _new(gm, node, torch.reshape, (mask, (B, H, T, S)))
+        causal = False
+    o = _new(gm, node, torch._C._nn.scaled_dot_product_attention, tuple(heads),
+             {"attn_mask": mask, "dropout_p": 0.0, "is_causal": causal})
+    o = _new(gm, node, torch.permute, (o, (2, 0, 1, 3)))  # [T, B, H, hd]
+    o = _new(gm, node, torch.reshape, (o, (T, B, E)))
+    o = _new(gm, node, torch._C._nn.linear, (o, a["out_proj_weight"], a["out_proj_bias"]))
+    for u in list(node.users):
+        _replace(gm, u, o)
+    gm.graph.erase_node(node)
+
+
+def tensor_val_dtype(n: fx.Node):
+    v = n.meta.get("example_value")
+    return getattr(v, "dtype", None)
+
+
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Spellings → one vocabulary (matmul, permute, torch functions)."""
@@ -286,6 +365,8 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             _lower_einsum(gm, node)
         elif name == "baddbmm" and len(node.args) >= 3:
             _lower_baddbmm(gm, node)
+        elif name == "multi_head_attention_forward":
+            _lower_mha(gm, node)
         elif name == "matmul" and not (node.op == "call_function" and
                                        node.target is torch.matmul):
             new = _new(gm, node, torch.matmul, tuple(node.args[:2]))
