@@ -15,5 +15,7 @@ def all_patterns():
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
             SequenceReduction, CrossEntropy, CumsumLinearAttention, SequenceCumsum]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
+from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the masked forms)
+REGISTRY.insert(1, ChunkStateRecurrence)
 
 __all__ = ["FailedMatch", "Found", "Match", "Pattern", "REGISTRY", "all_patterns"]
