@@ -21,6 +21,7 @@ import torch.fx as fx
 STRATEGIES = ("auto", "allgather", "allscan", "ring")
 ATTENTION_STRATEGIES = ("auto", "kv_allgather", "ring_attention", "ulysses")
 COMPILERS = ("aot_eager", "inductor", "eager")
+LENGTH_CONSTANTS = ("error", "warn", "ignore")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Options:
     hardware: cost-model hardware profile (name or path) for ``strategy="auto"``.
     input_seq_dims: per-input override {input index or name: seq dim, or None = not sequence}.
     verbose: print the pass records and matches for every compiled graph.
+    length_constants: what to do at P > 1 with arithmetic on a sequence value whose constant
+        equals the local length T (or 2T, 1/T, 1/(2T)), which is what a number computed from
+        ``x.shape[1]`` folds to: "error" (default), "warn" or "ignore".
     """
     group: Any = None
     seq_dim: int = 1
@@ -53,6 +57,7 @@ class Options:
     hardware: Optional[str] = None
     input_seq_dims: Dict[Any, Optional[int]] = field(default_factory=dict)
     verbose: bool = False
+    length_constants: str = "error"
     world_size: Optional[int] = None  # planning only (explain with a fake group)
 
     @classmethod
@@ -77,6 +82,9 @@ class Options:
         if self.compiler not in COMPILERS and not callable(self.compiler):
             raise ValueError(f"spcompile: compiler={self.compiler!r}; choose one of {COMPILERS} "
                              f"or pass a backend callable")
+        if self.length_constants not in LENGTH_CONSTANTS:
+            raise ValueError(f"spcompile: length_constants={self.length_constants!r}; choose one "
+                             f"of {LENGTH_CONSTANTS}")
         if int(self.chunk_size) < 1:
             raise ValueError(f"spcompile: chunk_size must be positive, got {self.chunk_size}")
         if isinstance(self.disable, str):

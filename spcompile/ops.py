@@ -135,6 +135,26 @@ def global_positions(positions: Tensor, local_len: int, group_name: str) -> Tens
     return positions + _rank(group_name) * local_len
 
 
+def diagonal_block(x: Tensor, d0: int, d1: int, group_name: str) -> Tensor:
+    """This rank's diagonal block of a global ``T×T`` value (rows and columns of its tokens)."""
+    if not group_name:
+        return x
+    P, r = _size(group_name), _rank(group_name)
+    n = x.shape[d0] // P
+    return x.narrow(d0, r * n, n).narrow(d1, r * n, n)
+
+
+def global_linspace(local: Tensor, start: float, end: float, local_len: int,
+                    group_name: str) -> Tensor:
+    """``linspace(start, end, T_local)`` → this rank's window of ``linspace(start, end, T)``
+    over the global length ``T = P · T_local``."""
+    if not group_name:
+        return local
+    P = _size(group_name)
+    full = torch.linspace(start, end, P * local_len, dtype=local.dtype, device=local.device)
+    return full.narrow(0, _rank(group_name) * local_len, local_len)
+
+
 # ------------------------------------------------------------------ the scan call
 def scan(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], scale: float,
          chunk_size: int, strategy: str, group_name: str, blocks: Optional[int] = None

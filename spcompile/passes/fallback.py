@@ -89,22 +89,21 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
                 f"spcompile: {where} mixes tokens of a value whose sequence axis was merged with "
                 f"another dim (e.g. [B*T, ...]); apply it before flattening, or keep the sequence "
                 f"dim separate.")
-        if isinstance(p, Pair):
-            raise SequenceParallelError(
-                f"spcompile: {where} uses a T×T value ({reason}) that no pattern covers; "
-                f"spcompile cannot rebuild it for the global sequence. Use a supported attention "
-                f"form or declare the layer with @spcompile.linear_attention.")
     gathered = {}
     with gm.graph.inserting_before(node), ctx.provenance(gm, None, node):
+        rebuild = _GlobalRebuild(gm, ctx, where, reason)
         for a in node.all_input_nodes:
             p = pl.get(a)
             if isinstance(p, Shard):
-                gnode = gm.graph.call_function(spops.gather_seq, (a, p.dim, ctx.group_name))
-                set_meta(gnode)
-                gnode.meta["spcompile_placement"] = Replicate()
-                gathered[a] = gnode
+                gathered[a] = rebuild.gather(a, p.dim)
+            elif isinstance(p, Pair):
+                # a rank only holds the diagonal block of a T×T value: recompute the value
+                # from the gathered sequence (global positions, global masks)
+                gathered[a] = rebuild(a)
     node.args = fx.node.map_arg(node.args, lambda a: gathered.get(a, a))
     node.kwargs = fx.node.map_arg(node.kwargs, lambda a: gathered.get(a, a))
+    _globalize_sizes(node, {gathered[a]: pl[a].dim for a in gathered
+                            if isinstance(pl[a], Shard)}, ctx)
     local_val = val(node)
     try:
         global_val = run_node_on_values(node)
@@ -117,9 +116,11 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
     node.meta["example_value"] = global_val
     outs = list(global_val) if isinstance(global_val, (tuple, list)) else [global_val]
     locs = list(local_val) if isinstance(local_val, (tuple, list)) else [local_val]
-    dims = [_sharded_dim(g, l, ctx.world_size) for g, l in zip(outs, locs)]
-    action = "gathered; result " + ", ".join("replicated" if d is None else f"re-sharded on dim {d}"
-                                              for d in dims)
+    dims = [_pair_dims(g, l, ctx) or _sharded_dim(g, l, ctx.world_size)
+            for g, l in zip(outs, locs)]
+    action = "gathered; result " + ", ".join(
+        "replicated" if d is None else f"re-sharded on dim {d}" if isinstance(d, int) else
+        f"cut to this rank's diagonal block of dims {d}" for d in dims)
     if isinstance(global_val, (tuple, list)):
         for user in list(node.users):
             if canonical_name(user) == "getitem" and isinstance(user.args[1], int):
@@ -136,6 +137,205 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
                   stacklevel=2)
 
 
+_SIZED_CREATION = {"ones", "zeros", "empty", "rand", "randn", "eye", "full"}
+
+
+class _GlobalRebuild:
+    """Copies of the ops that make a ``T×T`` value, computed on the gathered sequence.
+
+    Sharded inputs are gathered (positions included: gathering this rank's global positions
+    gives ``arange(P·T)``); replicated values built with the local length (``ones(T, T)``,
+    ``full((T, T), -inf)``, ``buffer[:T, :T]``) are rebuilt with the global one (sizes read from
+    the sequence mean the global length); other replicated values are used as they are. A copy
+    that does not fit (a size baked some other way) is a clear error."""
+
+    def __init__(self, gm, ctx: Ctx, where: str, reason: str) -> None:
+        self.gm, self.ctx, self.where, self.reason = gm, ctx, where, reason
+        self.memo: Dict[fx.Node, fx.Node] = {}
+
+    def gather(self, a: fx.Node, dim: int) -> fx.Node:
+        if a not in self.memo:
+            g = self.gm.graph.call_function(spops.gather_seq, (a, dim, self.ctx.group_name))
+            set_meta(g)
+            g.meta["spcompile_placement"] = Replicate()
+            self.memo[a] = g
+        return self.memo[a]
+
+    def _scale(self, v):
+        T, P = self.ctx.seq_len, self.ctx.world_size
+        if isinstance(v, bool) or not isinstance(v, int):
+            return v
+        return v * P if v == T else v
+
+    def __call__(self, n: fx.Node) -> fx.Node:
+        if n in self.memo:
+            return self.memo[n]
+        p = self.ctx.placements.get(n, Replicate())
+        if isinstance(p, Shard):
+            if p.merged:
+                raise SequenceParallelError(
+                    f"spcompile: {self.where} uses a T×T value ({self.reason}) built from a "
+                    f"value whose sequence axis was merged with another dim; keep the sequence "
+                    f"dim separate.")
+            return self.gather(n, p.dim)
+        if n.op in ("placeholder", "get_attr") or (isinstance(p, Replicate) and not n.all_input_nodes
+                                                   and canonical_name(n) not in _SIZED_CREATION):
+            return n
+        name = canonical_name(n)
+        args, kwargs = n.args, dict(n.kwargs)
+        if isinstance(p, Replicate) and name in _SIZED_CREATION:
+            if name == "full":
+                size = args[0] if args else kwargs.get("size")
+                size = tuple(self._scale(v) for v in size) if isinstance(size, (list, tuple)) \
+                    else size
+                args = (size,) + tuple(args[1:]) if args else args
+            else:
+                args = tuple(tuple(self._scale(v) for v in a) if isinstance(a, (list, tuple))
+                             else self._scale(a) for a in args)
+        elif isinstance(p, Replicate) and name == "getitem" and isinstance(args[1], (tuple, slice)):
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            idx = tuple(slice(i.start, self._scale(i.stop), i.step) if isinstance(i, slice)
+                        else i for i in idx)
+            args = (args[0], idx if isinstance(args[1], tuple) else idx[0]) + tuple(args[2:])
+        new_args = fx.node.map_arg(args, self)
+        new_kwargs = fx.node.map_arg(kwargs, self)
+        if isinstance(p, Replicate) and new_args == n.args and new_kwargs == dict(n.kwargs):
+            self.memo[n] = n
+            return n
+        c = self.gm.graph.create_node(n.op, n.target, new_args, new_kwargs)
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in n.meta:
+                c.meta[key] = n.meta[key]
+        try:
+            set_meta(c)
+        except Exception as e:
+            raise SequenceParallelError(
+                f"spcompile: {self.where} uses a T×T value ({self.reason}) that no pattern "
+                f"covers, and recomputing it for the global sequence failed at "
+                f"{canonical_name(n)} ({source_line(n) or n.name}: {type(e).__name__}: "
+                f"{str(e)[:200]}); it probably uses sizes of the local shard. Use a supported "
+                f"attention form or declare the layer with @spcompile.linear_attention.") from None
+        c.meta["spcompile_placement"] = Replicate()
+        self.memo[n] = c
+        return c
+
+
+def _globalize_sizes(node: fx.Node, gdims: Dict[fx.Node, int], ctx: Ctx) -> set:
+    """Sizes read from the sequence mean the global length (DESIGN.md §1): an op computed on
+    the gathered sequence gets them scaled from the local to the global length, where they are
+    visible as arguments along the gathered dim: an FFT length ``n = c·T`` (Hyena's
+    ``rfft(x, n=2*T)``) and slice bounds ``c·T`` (``y[..., :T]``). ``gdims``: the inputs that
+    now hold global values, with the dim that grew. Returns the inputs so consumed whole."""
+    T, P = ctx.seq_len, ctx.world_size
+    if not T or P == 1 or not node.args or node.args[0] not in gdims:
+        return set()
+    x = node.args[0]
+    before = (node.args, dict(node.kwargs))
+    d = gdims[x]
+    nd = tensor_val(x).dim() if tensor_val(x) is not None else None
+    name = canonical_name(node) or ""
+
+    def scale(v):
+        if isinstance(v, int) and not isinstance(v, bool) and v != 0 and v % T == 0:
+            return v * P
+        return v
+
+    if name.startswith("fft_") and nd is not None:
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else -1)
+        n = node.kwargs.get("n", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(dim, int) and dim % nd == d and n is not None and scale(n) != n:
+            if "n" in node.kwargs:
+                node.kwargs = dict(node.kwargs, n=scale(n))
+            else:
+                node.args = (node.args[0], scale(n)) + tuple(node.args[2:])
+    elif name == "getitem" and nd is not None:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        out, cur = [], 0
+        for i in idx:
+            if i is Ellipsis:
+                cur += nd - n_real
+            elif i is not None:
+                if cur == d and isinstance(i, slice) and i.step in (None, 1):
+                    i = slice(scale(i.start), scale(i.stop), i.step)
+                cur += 1
+            out.append(i)
+        new = tuple(out) if isinstance(node.args[1], tuple) else out[0]
+        node.args = (node.args[0], new) + tuple(node.args[2:])
+    return {x} if (node.args, dict(node.kwargs)) != before else set()
+
+
+_ARITH = {"mul", "div", "truediv", "add", "sub", "rsub", "floordiv"}
+
+
+def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
+    """A Python number computed from the sequence length (``x / T``, cosFormer's ``i / M``,
+    Hyena's ``/ fft_size``) is folded into the graph as a constant of the LOCAL length; spcompile
+    only sees the number. Arithmetic with a constant equal to ``T_local``, ``2·T_local`` or their
+    reciprocals is suspect:
+
+    * on a value that already mixes the sequence or depends on positions (a position table,
+      ``arange``, a reduction over the sequence, a scan, T×T scores, an FFT along it) the number
+      is almost surely the length: refused (option ``length_constants="error"``, the default);
+    * on a token-local value (``logsigmoid(g) / 16`` with ``T_local = 16``) it is probably
+      a coincidence: a warning.
+
+    ``length_constants="warn"`` makes both warnings, ``"ignore"`` silences both."""
+    mode = getattr(ctx.options, "length_constants", "error")
+    T = ctx.seq_len
+    if mode == "ignore" or not T or T < 2:
+        return
+    pl = ctx.placements
+    suspects = {float(T): "T", float(2 * T): "2·T", 1.0 / T: "1/T", 1.0 / (2 * T): "1/(2·T)"}
+    derived, mixed = set(), set()  # from the sequence at all; from sequence-mixing values
+    for node in gm.graph.nodes:
+        ins = node.all_input_nodes
+        if not isinstance(pl.get(node, Replicate()), Replicate) or any(a in derived for a in ins):
+            derived.add(node)
+        made = (node.meta.get("spcompile") or {}).get("pass") == "rewrite"
+        if made or node in ctx.mixing or isinstance(pl.get(node), (Pair, Partial)) or any(
+                a in mixed for a in ins):
+            mixed.add(node)
+    for node in gm.graph.nodes:
+        if canonical_name(node) not in _ARITH or not any(
+                a in derived for a in node.all_input_nodes):
+            continue
+        for c in list(node.args) + list(node.kwargs.values()):
+            if isinstance(c, bool) or not isinstance(c, (int, float)):
+                continue
+            hit = next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
+            if hit is None:
+                continue
+            where = source_line(node) or node.name
+            strong = any(a in mixed for a in node.all_input_nodes)
+            msg = (f"spcompile: the constant {c} in {canonical_name(node)} at {where} equals "
+                   f"{hit} for this rank's local length T = {T}"
+                   + (" and is applied to a value that mixes the sequence or depends on "
+                      "positions" if strong else "") +
+                   f". If it was computed from the sequence length (x.shape[1], seq_len, ...), "
+                   f"it is the LOCAL length here and the sharded result would be wrong: "
+                   f"spcompile only sees the folded number. Derive the value from a tensor "
+                   f"instead (e.g. torch.arange(T), a mean over the sequence), or pass "
+                   f"options={{'length_constants': 'ignore'}} if the number does not come from "
+                   f"the sequence length.")
+            if mode == "error" and strong:
+                raise SequenceParallelError(msg)
+            warnings.warn(msg, stacklevel=2)
+
+
+def _pair_dims(global_val: Any, local_val: Any, ctx: Ctx):
+    """(d0, d1) when a value computed on the gathered sequence is a T×T value (two dims of
+    the local length grew to the global one): it is cut back to this rank's diagonal block,
+    the form every T×T value has on a rank."""
+    if not isinstance(global_val, torch.Tensor) or not isinstance(local_val, torch.Tensor) or \
+            global_val.dim() != local_val.dim():
+        return None
+    T, P = ctx.seq_len, ctx.world_size
+    dims = [d for d in range(global_val.dim())
+            if local_val.shape[d] == T and global_val.shape[d] == P * T]
+    return tuple(dims) if len(dims) == 2 else None
+
+
 def _sharded_dim(global_val: Any, local_val: Any, P: int) -> Optional[int]:
     if not isinstance(global_val, torch.Tensor) or not isinstance(local_val, torch.Tensor):
         return None
@@ -148,11 +348,15 @@ def _sharded_dim(global_val: Any, local_val: Any, P: int) -> Optional[int]:
     return cands[0]
 
 
-def _reshard_after(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, dim: int) -> None:
+def _reshard_after(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, dim) -> None:
     with gm.graph.inserting_after(node), ctx.provenance(gm, None, node):
-        sl = gm.graph.call_function(spops.shard_slice, (node, dim, ctx.group_name))
+        if isinstance(dim, tuple):
+            sl = gm.graph.call_function(spops.diagonal_block, (node, dim[0], dim[1],
+                                                               ctx.group_name))
+        else:
+            sl = gm.graph.call_function(spops.shard_slice, (node, dim, ctx.group_name))
     set_meta(sl)
-    sl.meta["spcompile_placement"] = Shard(dim)
+    sl.meta["spcompile_placement"] = Pair(*dim) if isinstance(dim, tuple) else Shard(dim)
     node.replace_all_uses_with(sl, delete_user_cb=lambda u: u is not sl)
 
 
@@ -188,8 +392,19 @@ def _repropagate(gm: fx.GraphModule, ctx: Ctx, before: Dict[fx.Node, tuple]) -> 
         if node.op in ("placeholder", "get_attr"):
             continue
         made_here = (node.meta.get("spcompile") or {}).get("pass") == "fallback"
+        consumed = set()
+        if node.op != "output" and not made_here:
+            grown = {}
+            for a in node.all_input_nodes:
+                now, was = tensor_val(a), before.get(a)
+                if now is not None and was is not None and len(was) == now.dim():
+                    dims = [d for d in range(now.dim()) if now.shape[d] != was[d]]
+                    if len(dims) == 1:
+                        grown[a] = dims[0]
+            if grown:  # a global value: sizes along the grown dim mean the global length
+                consumed = _globalize_sizes(node, grown, ctx)
         if node.op == "output" or not made_here:
-            _reshard_global_args(gm, ctx, node, before, P)
+            _reshard_global_args(gm, ctx, node, before, P, consumed)
         if node.op == "output":
             continue
         try:
@@ -203,9 +418,11 @@ def _repropagate(gm: fx.GraphModule, ctx: Ctx, before: Dict[fx.Node, tuple]) -> 
                 f"annotation.") from None
 
 
-def _reshard_global_args(gm, ctx: Ctx, node: fx.Node, before, P: int) -> None:
+def _reshard_global_args(gm, ctx: Ctx, node: fx.Node, before, P: int, skip=()) -> None:
     replace = {}
     for a in node.all_input_nodes:
+        if a in skip:
+            continue
         now, was = tensor_val(a), before.get(a)
         if now is None or was is None or tuple(now.shape) == was or len(was) != now.dim():
             continue
@@ -340,6 +557,7 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     if ctx.world_size == 1:
         return gm
     ideal = dict(analyze(gm, ctx))
+    _check_length_constants(gm, ctx)
     _refuse_loops_over_the_sequence(ctx)
     before = _output_shapes(gm)
     local_shapes = {n: tuple(tensor_val(n).shape) for n in gm.graph.nodes

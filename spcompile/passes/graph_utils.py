@@ -199,13 +199,13 @@ def run_node_on_values(node: fx.Node, env_val=val) -> Any:
     if node.op == "get_attr":
         out = call()
         if mode is not None and isinstance(out, torch.Tensor):
-            return mode.from_tensor(out)
+            return mode.from_tensor(out, static_shapes=True)
         return out
     if mode is not None:
         # Real constants (e.g. get_attr buffers) must become fake in this mode.
         def fk(x):
             if isinstance(x, torch.Tensor) and not isinstance(x, torch._subclasses.FakeTensor):
-                return mode.from_tensor(x)
+                return mode.from_tensor(x, static_shapes=True)
             return x
         args = fx.node.map_aggregate(args, fk)
         kwargs = fx.node.map_aggregate(kwargs, fk)

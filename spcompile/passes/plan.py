@@ -34,6 +34,10 @@ def choose(match, ctx: Ctx) -> None:
     if ctx.world_size == 1:
         match.strategy, match.reason = "local", "P = 1: no hand-off"
         return
+    only = match.info.get("only_strategy")
+    if only:  # e.g. SDPA with a general mask: K/V all-gathered, the mask's rows recomputed
+        match.strategy, match.reason = only, "the only strategy for this form"
+        return
     forced = None
     if match.kind == "linear_scan" and ctx.options.strategy != "auto":
         forced = ctx.options.strategy

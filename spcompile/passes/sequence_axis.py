@@ -87,6 +87,7 @@ ELEMENTWISE = {
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
     "log_sigmoid", "logsigmoid", "hardtanh", "softshrink", "hardshrink", "tanhshrink", "gelu_",
     "mish_", "logit", "xlogy", "square_", "pow_", "rsqrt_", "sqrt_", "clamp_", "masked_fill_",
+    "polar", "complex", "real", "imag", "angle", "conj", "conj_physical",
 }
 CREATION = {"ones", "zeros", "full", "empty", "arange", "tensor", "eye", "rand", "randn",
             "randint", "linspace", "as_tensor", "tril_indices", "triu_indices", "ones_like_",
@@ -225,16 +226,12 @@ class Analyzer:
         return None
 
     def is_positions(self, node: fx.Node) -> bool:
-        """``arange(T_local)``: this rank's positions along the sequence (DESIGN.md §1), unless
-        an earlier round found that its values line up with some other axis."""
-        if node in self.demoted or canonical_name(node) != "arange" or self.ctx.seq_len is None:
+        """``arange(T_local)`` (or ``arange(s, s + T_local)``, or ``linspace(a, b, T_local)``):
+        this rank's positions along the sequence (DESIGN.md §1), unless an earlier round found
+        that its values line up with some other axis."""
+        if node in self.demoted or self.ctx.seq_len is None:
             return False
-        a = list(node.args)
-        start, end, step = (0, a[0], 1) if len(a) == 1 else (
-            (a[0], a[1], a[2] if len(a) > 2 else 1) if len(a) >= 2 else (0, None, 1))
-        end = node.kwargs.get("end", end)
-        return start == 0 and end == self.ctx.seq_len and step == 1 and \
-            node.kwargs.get("step", 1) == 1
+        return positions_form(node, self.ctx.seq_len) is not None
 
     def rule(self, node: fx.Node) -> Placement:
         meta = node.meta.get("spcompile_placement")
@@ -266,6 +263,14 @@ class Analyzer:
                 if isinstance(pp, Pair) and ish and osh and (pp.d0, pp.d1) == (
                         len(ish) - 2, len(ish) - 1) and tuple(ish[-2:]) == tuple(osh[-2:]):
                     return Pair(len(osh) - 2, len(osh) - 1)
+            if name == "getitem" and isinstance(self.get(node.args[0]), Pair):
+                q = _pair_index(self.get(node.args[0]), node.args[1], _nd(node.args[0]))
+                if q is not None:  # mask[None, None], bias[:, None]: new unit dims only
+                    return q
+            if name in ("tril", "triu") and isinstance(self.get(node.args[0]), Pair):
+                pp = self.get(node.args[0])
+                if (pp.d0, pp.d1) == (_nd(node) - 2, _nd(node) - 1):
+                    return pp  # the diagonal block of tril(A) is tril of A's diagonal block
             if name == "sum" and isinstance(self.get(node.args[0]), Pair):
                 pp = self.get(node.args[0])
                 d = arg(node, 1, "dim")
@@ -421,6 +426,19 @@ class Analyzer:
         if isinstance(p, Pair):
             return Pair(dims.index(p.d0), dims.index(p.d1))
         return p
+
+    def view_as_complex(self, node: fx.Node) -> Placement:
+        """``[..., 2]`` real → ``[...]`` complex (drops the last dim)."""
+        x = node.args[0]
+        p = self.get(x)
+        if isinstance(p, Shard) and p.dim < _nd(x) - 1:
+            return p
+        return Mixing(f"view_as_complex of {p}")
+
+    def view_as_real(self, node: fx.Node) -> Placement:
+        """``[...]`` complex → ``[..., 2]`` real (adds a last dim)."""
+        p = self.get(node.args[0])
+        return p if isinstance(p, (Shard, Pair)) else Mixing(f"view_as_real of {p}")
 
     def unsqueeze(self, node: fx.Node) -> Placement:
         x = node.args[0]
@@ -625,6 +643,60 @@ class Analyzer:
         return Mixing(f"cross_entropy with reduction={red!r}", "replicate")
 
 
+def _pair_index(p: "Pair", idx: Any, nd: int) -> Optional["Pair"]:
+    """Placement of ``x[idx]`` for a T×T ``x`` when ``idx`` only adds unit dims (``None``) and
+    keeps whole dims (``:``, ``...``); None otherwise."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not all(i is None or i is Ellipsis or i == slice(None) for i in idx) or \
+            sum(1 for i in idx if i is Ellipsis) > 1:
+        return None
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out, d_in, mapping = 0, 0, {}
+    for i in idx:
+        if i is None:
+            out += 1
+        elif i is Ellipsis:
+            for _ in range(nd - n_real):
+                mapping[d_in] = out
+                d_in, out = d_in + 1, out + 1
+        else:
+            mapping[d_in] = out
+            d_in, out = d_in + 1, out + 1
+    while d_in < nd:
+        mapping[d_in] = out
+        d_in, out = d_in + 1, out + 1
+    return Pair(mapping[p.d0], mapping[p.d1])
+
+
+def positions_form(node: fx.Node, T: int) -> Optional[Tuple[str, Any, Any]]:
+    """``("arange", start, None)`` for ``arange(start, start + T)`` (step 1) and
+    ``("linspace", start, end)`` for ``linspace(start, end, T)``; None otherwise. Sizes read from
+    the sequence mean the global length, so these are the global positions of this rank's
+    tokens (rewritten by the positions family)."""
+    name = canonical_name(node)
+    a = list(node.args)
+    kw = node.kwargs
+    if name == "arange":
+        start, end, step = (0, a[0], 1) if len(a) == 1 else (
+            (a[0], a[1], a[2] if len(a) > 2 else 1) if len(a) >= 2 else (0, None, 1))
+        start = kw.get("start", start)
+        end = kw.get("end", end)
+        step = kw.get("step", step)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   for v in (start, end, step)) or step != 1 or end - start != T:
+            return None
+        return ("arange", start, None)
+    if name == "linspace":
+        start = a[0] if len(a) > 0 else kw.get("start")
+        end = a[1] if len(a) > 1 else kw.get("end")
+        steps = a[2] if len(a) > 2 else kw.get("steps")
+        if steps != T or T < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         for v in (start, end)):
+            return None
+        return ("linspace", start, end)
+    return None
+
+
 def _outer(shards: List[Tuple[int, tuple]], d0: int, d1: int) -> bool:
     """Do the operands sharded on ``d0`` and ``d1`` broadcast against each other along the
     sequence (size 1 on the other's sequence dim), as in ``n[:, None] - n[None, :]``?"""
@@ -715,6 +787,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "reshape_as": Analyzer.reshape, "flatten": Analyzer.reshape, "unflatten": Analyzer.reshape,
     "squeeze": Analyzer.reshape,
     "permute": Analyzer.permute, "unsqueeze": Analyzer.unsqueeze,
+    "view_as_complex": Analyzer.view_as_complex, "view_as_real": Analyzer.view_as_real,
     "matmul": Analyzer.matmul, "linear": Analyzer.linear,
     "softmax": Analyzer.softmax_like, "log_softmax": Analyzer.softmax_like,
     "cumsum": Analyzer.cum, "cumprod": Analyzer.cum, "cummax": Analyzer.cum,

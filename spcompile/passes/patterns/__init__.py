@@ -4,7 +4,7 @@ from .linear_attention import MaskedLinearAttention
 from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, Positions, SDPAttention, SequenceCumsum,
-                           SequenceReduction, TokenShift)
+                           SequenceIndex, SequenceReduction, ShiftedLoss, TokenShift)
 
 
 def all_patterns():
@@ -13,7 +13,7 @@ def all_patterns():
 
 
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
-            SequenceReduction, CrossEntropy, CumsumLinearAttention, SequenceCumsum]
+            SequenceReduction, ShiftedLoss, CrossEntropy, SequenceIndex, CumsumLinearAttention, SequenceCumsum]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the masked forms)
 REGISTRY.insert(1, ChunkStateRecurrence)

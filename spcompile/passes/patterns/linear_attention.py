@@ -34,7 +34,7 @@ from ..pipeline import Ctx
 from ..sequence_axis import ELEMENTWISE, Pair, Shard
 from .base import FailedMatch, Found, Match, Pattern
 
-_PASS_THROUGH = ELEMENTWISE | {"permute", "reshape", "view", "expand", "contiguous",
+_PASS_THROUGH = ELEMENTWISE | {"permute", "reshape", "view", "expand", "contiguous", "tril", "triu",
                                "unsqueeze", "squeeze", "to", "float"}
 
 

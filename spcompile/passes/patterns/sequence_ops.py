@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ... import ops as spops
 from ..graph_utils import arg, canonical_name, evaluate, set_meta, shape, val
 from ..pipeline import Ctx
-from ..sequence_axis import Replicate, Shard
+from ..sequence_axis import Pair, Replicate, Shard, positions_form
 from .base import FailedMatch, Found, Match, Pattern
 
 
@@ -90,6 +90,19 @@ class SDPAttention(Pattern):
                 elif m.dtype != torch.bool and m.shape[-2:] == (T, T) and bool(
                         (torch.isneginf(m) == ~tril).all()) and bool((m[..., tril] == 0).all()):
                     causal = True
+                elif m.dim() >= 2 and tuple(m.shape[-2:]) == (T, T) and \
+                        isinstance(pl.get(mask), Pair) and \
+                        (pl.get(mask).d0, pl.get(mask).d1) == (m.dim() - 2, m.dim() - 1):
+                    # any other T×T mask (ALiBi bias, sliding window): K/V all-gathered, the
+                    # mask's rows for this rank's queries recomputed at the global length
+                    B, H, T, D = shapes[0]
+                    yield Match(self.kind, self.name, node, bindings={"q": q, "k": k, "v": v,
+                                                                      "mask": mask},
+                                info={"causal": False, "scale": scale, "gqa": gqa or
+                                      shapes[1][1] != H, "B": B, "H": H, "H_kv": shapes[1][1],
+                                      "D": D, "mask": "rows recomputed",
+                                      "only_strategy": "kv_allgather"})
+                    continue
                 else:
                     yield FailedMatch(self.name, node, "attention mask is not a causal mask")
                     continue
@@ -102,11 +115,31 @@ class SDPAttention(Pattern):
         if ctx.world_size == 1:
             return
         g = gm.graph
+        if "mask" in m.bindings:
+            from ..fallback import _GlobalRebuild
+            mask = m.bindings["mask"]
+            with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+                rb = _GlobalRebuild(gm, ctx, f"the attention mask at {m.source}",
+                                    "an SDPA attn_mask")
+                k, v = rb.gather(m.bindings["k"], 2), rb.gather(m.bindings["v"], 2)
+                rows = _call(g, _row_block, (rb(mask), len(shape(mask)) - 2, ctx.group_name))
+                out = _call(g, F.scaled_dot_product_attention, (m.bindings["q"], k, v),
+                            {"attn_mask": rows, "scale": m.info["scale"],
+                             "enable_gqa": m.info["gqa"]})
+            _finish(ctx, m.anchor, out, Shard(2))
+            return
         with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
             out = _call(g, _sdpa_sp, (m.bindings["q"], m.bindings["k"], m.bindings["v"],
                                       m.info["causal"], m.info["scale"], m.info["gqa"],
                                       m.strategy, ctx.group_name))
         _finish(ctx, m.anchor, out, Shard(2))
+
+
+def _row_block(x, dim: int, group_name: str):
+    """This rank's rows (``dim``) of a global T×T value."""
+    from ...collectives import group_rank, group_size
+    n = x.shape[dim] // group_size(group_name)
+    return x.narrow(dim, group_rank(group_name) * n, n)
 
 
 # ------------------------------------------------------------------ halos
@@ -261,10 +294,16 @@ class Positions(Pattern):
         pl = ctx.placements
         for node in gm.graph.nodes:
             name = canonical_name(node)
-            if name == "arange":
+            if name in ("arange", "linspace"):
                 # the analysis kept it as positions (Shard(0)) after checking its alignment
-                if pl.get(node) == Shard(0):
-                    yield Match(self.kind, self.name, node, info={"form": "arange(T)"})
+                form = positions_form(node, T)
+                if pl.get(node) == Shard(0) and form is not None:
+                    info = {"form": "arange(T)" if form[1] == 0 else f"arange({form[1]}, T+"
+                                                                     f"{form[1]})"}
+                    if form[0] == "linspace":
+                        info = {"form": f"linspace({form[1]}, {form[2]}, T)",
+                                "linspace": (form[1], form[2])}
+                    yield Match(self.kind, self.name, node, info=info)
             elif name == "getitem" and isinstance(pl.get(node.args[0]), Replicate):
                 src = node.args[0]
                 sh = shape(src)
@@ -290,7 +329,13 @@ class Positions(Pattern):
         g = gm.graph
         T = ctx.seq_len
         node = m.anchor
-        if m.info["form"] == "arange(T)":
+        if "linspace" in m.info:
+            a, b = m.info["linspace"]
+            with g.inserting_after(node), ctx.provenance(gm, m, node):
+                out = _call(g, spops.global_linspace, (node, a, b, T, ctx.group_name))
+            _finish(ctx, node, out, Shard(0))
+            return
+        if m.info["form"].startswith("arange("):
             with g.inserting_after(node), ctx.provenance(gm, m, node):
                 out = _call(g, spops.global_positions, (node, T, ctx.group_name))
             _finish(ctx, node, out, Shard(0))
@@ -309,7 +354,23 @@ class Positions(Pattern):
                         for i in (node.args[1] if isinstance(node.args[1], tuple)
                                   else (node.args[1],)))
             out = _call(g, operator.getitem, (window, idx))
-        _finish(ctx, node, out, Replicate())
+        # this rank's window of the table: a sharded value (gathering it, as a fallback around a
+        # token-mixing consumer does, gives back the global table[:P·T])
+        _finish(ctx, node, out, Shard(_out_dim(idx, m.info["dim"])))
+
+
+def _out_dim(idx, src_dim: int) -> int:
+    """Output dim of source dim ``src_dim`` after indexing with ``idx`` (no Ellipsis)."""
+    d_in = d_out = 0
+    for i in idx:
+        if i is None:
+            d_out += 1
+            continue
+        if d_in == src_dim:
+            return d_out
+        d_in += 1
+        d_out += 0 if isinstance(i, int) else 1
+    return d_out + (src_dim - d_in)
 
 
 def _rank_window(table, dim: int, T: int, group_name: str):
@@ -335,6 +396,11 @@ class SequenceReduction(Pattern):
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
         for node, reason in _mixing(ctx, *self.KINDS):
+            if not isinstance(ctx.placements.get(node.args[0]), Shard):
+                # e.g. row sums of a T×T value: a rank holds only its diagonal block
+                yield FailedMatch(self.name, node, f"{reason}: not a reduction of a sharded "
+                                                   f"sequence")
+                continue
             if isinstance(val(node), tuple):
                 yield FailedMatch(self.name, node, "max/min with indices over the sequence")
                 continue
@@ -398,6 +464,210 @@ class CrossEntropy(Pattern):
                               dict(kw, reduction="sum"))
                 out = _call(g, _global_reduce, (local, "sum", ctx.world_size, ctx.group_name))
         _finish(ctx, node, out, Replicate())
+
+
+# ------------------------------------------------------------------ shifted next-token loss
+def _ignore_head(labels, s: int, dim: int, ignore: int, group_name: str):
+    """``labels`` with the first ``s`` GLOBAL positions set to ``ignore`` (rank 0's head)."""
+    if group_name:
+        from ...collectives import group_rank
+        if group_rank(group_name) != 0:
+            return labels
+    pos = torch.arange(labels.shape[dim], device=labels.device)
+    head = (pos < s).view(*([1] * dim), -1, *([1] * (labels.dim() - dim - 1)))
+    return torch.where(head, torch.full_like(labels, ignore), labels)
+
+
+_LOSS_CHAIN = ("contiguous", "view", "reshape", "flatten", "float", "to", "clone", "type_as")
+
+
+def _through_chain(n: fx.Node):
+    """Back from a loss input through layout-only ops to what feeds them."""
+    chain = []
+    while isinstance(n, fx.Node) and canonical_name(n) in _LOSS_CHAIN:
+        chain.append(n)
+        n = n.args[0]
+    return n, chain
+
+
+def _seq_slice(node: fx.Node, dim: int, nd: int):
+    """(start, stop) of a getitem's plain slice along ``dim``, None unless every other index
+    keeps its dim whole."""
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    d, found = 0, None
+    for i in idx:
+        if i is None:
+            return None
+        if i is Ellipsis:
+            d += nd - n_real
+            continue
+        if not isinstance(i, slice) or i.step not in (None, 1):
+            return None
+        if d == dim:
+            found = (i.start, i.stop)
+        elif i != slice(None):
+            return None
+        d += 1
+    return found
+
+
+class ShiftedLoss(Pattern):
+    """HF's next-token loss inside ``forward``: ``logits[..., :-s, :]`` against
+    ``labels[..., s:]`` (through ``contiguous``/``view``) into ``cross_entropy``. The pairs
+    cross shard boundaries; on a rank they are the previous rank's last ``s`` logits (a halo)
+    followed by its own, against its own labels with the first ``s`` global positions ignored —
+    the same pairs, the same mean, no gather."""
+    name = "shifted_loss"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl, T = ctx.placements, ctx.seq_len
+        for ce in gm.graph.nodes:
+            if canonical_name(ce) != "cross_entropy" or len(ce.args) < 2:
+                continue
+            a, ca = _through_chain(ce.args[0])
+            b, cb = _through_chain(ce.args[1])
+            if canonical_name(a) != "getitem" or canonical_name(b) != "getitem" or \
+                    a not in ctx.mixing or b not in ctx.mixing:
+                continue
+            pa, pb = pl.get(a.args[0]), pl.get(b.args[0])
+            if not (isinstance(pa, Shard) and isinstance(pb, Shard)) or pa.merged or pb.merged:
+                continue
+            sa = _seq_slice(a, pa.dim, len(shape(a.args[0])))
+            sb = _seq_slice(b, pb.dim, len(shape(b.args[0])))
+            if sa is None or sb is None:
+                yield FailedMatch(self.name, ce, "loss inputs are not plain slices of the "
+                                                 "sequence")
+                continue
+            s = sb[0] if isinstance(sb[0], int) else 0
+            stop_a = sa[1] - T if isinstance(sa[1], int) and sa[1] > 0 else sa[1]
+            ok = sa[0] in (None, 0) and isinstance(stop_a, int) and stop_a == -s and \
+                0 < s <= T and sb[1] in (None, T)
+            val_b = val(b)
+            if not ok or val_b is None or val_b.dtype.is_floating_point:
+                yield FailedMatch(self.name, ce, "not logits[:-s] against labels[s:] (class "
+                                                 "indices)")
+                continue
+            private = all(list(n.users) == [nxt] for n, nxt in zip([a] + ca[::-1],
+                                                                    ca[::-1] + [ce])) and \
+                all(list(n.users) == [nxt] for n, nxt in zip([b] + cb[::-1], cb[::-1] + [ce]))
+            explicit = any(canonical_name(n) in ("view", "reshape") and -1 not in [
+                v for v in n.args[1:] if isinstance(v, int)] + list(
+                    n.args[1] if len(n.args) > 1 and isinstance(n.args[1], (tuple, list)) else [])
+                for n in ca + cb)
+            if not private or explicit:
+                yield FailedMatch(self.name, ce, "the shifted slices are used elsewhere or "
+                                                 "reshaped with explicit lengths")
+                continue
+            yield Match(self.kind, self.name, a, nodes={a, b},
+                        bindings={"logits": a.args[0], "labels": b.args[0], "b": b},
+                        info={"shift": s, "dim": pa.dim, "labels_dim": pb.dim,
+                              "ignore_index": ce.kwargs.get("ignore_index", -100)})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        a, b = m.anchor, m.bindings["b"]
+        with g.inserting_before(a), ctx.provenance(gm, m, a):
+            out = _call(g, _shift, (m.bindings["logits"], m.info["shift"], m.info["dim"],
+                                    ctx.group_name))
+        _finish(ctx, a, out, Shard(m.info["dim"]))
+        with g.inserting_before(b), ctx.provenance(gm, m, b):
+            lab = _call(g, _ignore_head, (m.bindings["labels"], m.info["shift"],
+                                          m.info["labels_dim"], m.info["ignore_index"],
+                                          ctx.group_name))
+        _finish(ctx, b, lab, Shard(m.info["labels_dim"]))
+        _refresh_below(lab)
+        _refresh_below(out)
+
+
+def _refresh_below(n: fx.Node) -> None:
+    """Recompute example values of the layout chain below a replaced node."""
+    todo = list(n.users)
+    while todo:
+        u = todo.pop()
+        if canonical_name(u) in _LOSS_CHAIN:
+            set_meta(u)
+            todo.extend(u.users)
+
+
+# ------------------------------------------------------------------ one token by index
+def _from_owner(y, owner: int, group_name: str):
+    """``y`` (computed on every rank) as held by rank ``owner``, on every rank."""
+    if not group_name:
+        return y
+    from ...collectives import group_rank
+    keep = y if group_rank(group_name) == owner else y * 0
+    return torch.ops.spcompile.allreduce(keep, "sum", group_name)
+
+
+class SequenceIndex(Pattern):
+    """``h[:, -1]``, ``h[:, 0]`` (last-token / CLS pooling): one token picked by a constant
+    index along the sequence. The index is a global position; the rank that holds it
+    contributes, an all-reduce gives it to every rank. Several indexings of one value (a Python
+    loop over tokens) are left to the fallback, which refuses them."""
+    name = "sequence_index"
+    kind = "reduction"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl = ctx.placements
+        for node, reason in _mixing(ctx, "getitem"):
+            if reason != "integer index into the sequence axis":
+                continue
+            x = node.args[0]
+            px = pl.get(x)
+            sh = shape(x)
+            if not isinstance(px, Shard) or px.merged or sh is None:
+                continue
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            pos = _index_position(idx, px.dim, len(sh))
+            if pos is None:
+                yield FailedMatch(self.name, node, "index into the sequence axis is not a "
+                                                   "plain integer")
+                continue
+            siblings = [u for u, r in ctx.mixing.items() if u is not node and
+                        canonical_name(u) == "getitem" and u.args[0] is x and u.users]
+            if siblings:
+                yield FailedMatch(self.name, node, "several indexings of one value along the "
+                                                   "sequence (a loop over tokens)")
+                continue
+            yield Match(self.kind, self.name, node, info={"index": idx[pos], "pos": pos,
+                                                          "dim": px.dim})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        node = m.anchor
+        T, P = ctx.seq_len, ctx.world_size
+        g_idx = m.info["index"] % (T * P)
+        if not -T * P <= m.info["index"] < T * P:
+            return  # out of range eagerly too: leave it (and its error) as written
+        owner, local = divmod(g_idx, T)
+        idx = list(node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))
+        idx[m.info["pos"]] = local
+        g = gm.graph
+        with g.inserting_before(node), ctx.provenance(gm, m, node):
+            y = _call(g, operator.getitem, (node.args[0], tuple(idx)))
+            out = _call(g, _from_owner, (y, owner, ctx.group_name))
+        _finish(ctx, node, out, Replicate())
+
+
+def _index_position(idx, dim: int, nd: int):
+    """Position in ``idx`` of the plain int that indexes input dim ``dim`` (None otherwise)."""
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    d = 0
+    for k, i in enumerate(idx):
+        if i is None:
+            continue
+        if i is Ellipsis:
+            d += nd - n_real
+            continue
+        if d == dim:
+            return k if isinstance(i, int) and not isinstance(i, bool) else None
+        d += 1
+    return None
 
 
 # ------------------------------------------------------------------ cumsum

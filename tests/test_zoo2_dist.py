@@ -1,0 +1,14 @@
+"""Model-zoo spellings the first test batch never saw (tests/models_zoo2.py), sharded on 2 and 4
+gloo ranks against the full-sequence eager run; each asserted in its outcome class: (a) exact
+with zero fallbacks, (b) exact with a fallback warning, (c) a clear refusal."""
+import pytest
+
+from dist_harness import assert_rows, run_checks
+
+P2 = ["check_exact", "check_exact_more", "check_gathered", "check_refused"]
+P4 = ["check_exact_more", "check_gathered"]
+
+
+@pytest.mark.parametrize("world_size,checks", [(2, P2), (4, P4)], ids=["P2", "P4"])
+def test_zoo2_sharded(world_size, checks):
+    assert_rows(run_checks("_checks_zoo2", checks, world_size))
