@@ -30,10 +30,25 @@ def _tokens(B, T, V=11):
     return lambda: [torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))]
 
 
+def _padded(B, T, D=16):
+    """x and an HF attention_mask with left padding in row 0 and right padding in row 1."""
+    def make():
+        am = torch.ones(B, T, dtype=torch.long)
+        am[0, :5] = 0
+        am[1, T - 7:] = 0
+        return [torch.randn(B, T, D), am]
+    return make
+
+
+def _unpadded(B, T, D=16):
+    return lambda: [torch.randn(B, T, D), torch.ones(B, T, dtype=torch.long)]
+
+
 def compare(rank, P, rec, name, make_model, make_inputs=None, *, T=32, B=2, tol=1e-4,
-            **options):
+            warm=None, **options):
     """Sharded compiled run vs full-sequence eager run for models with one or more inputs
-    (every input of length T on dim 1 is sharded). Returns (backend, spcompile warnings)."""
+    (every input of length T on dim 1 is sharded). ``warm``: inputs the model is compiled on
+    first (the checked call then reuses that graph). Returns (backend, spcompile warnings)."""
     torch.manual_seed(0)
     model = make_model()
     inputs = (make_inputs or _floats(B, T))()
@@ -52,6 +67,8 @@ def compare(rank, P, rec, name, make_model, make_inputs=None, *, T=32, B=2, tol=
     shards = [x.requires_grad_() if x.is_floating_point() else x for x in shards]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if warm is not None:
+            compiled(*[spcompile.shard_sequence(x, dim=1) for x in warm()])
         outs = _tuple(compiled(*shards))
     msgs = [str(w.message) for w in caught if str(w.message).startswith("spcompile")]
     n = T // P
@@ -145,6 +162,18 @@ def check_exact_more(rank, P, rec):
           kinds={"attention", "positions"})
 
 
+def check_padding(rank, P, rec):
+    """A padding mask is data: compiled on an all-ones attention_mask, then called with
+    padding, the same graph must still be right (a mask is never read by value from one
+    example when it depends on an input)."""
+    exact(rank, P, rec, "HF padding mask + causal to SDPA", lambda: Z.PaddedAttention(
+        form="sdpa"), _padded(2, 32), kinds={"attention", "cumsum"}, warm=_unpadded(2, 32))
+    gathered(rank, P, rec, "HF padding mask + causal, eager softmax", lambda: Z.PaddedAttention(
+        form="eager"), _padded(2, 32), ops=("matmul",), warm=_unpadded(2, 32))
+    gathered(rank, P, rec, "linear attention with a padding mask", Z.PaddedLinearAttention,
+             _padded(2, 32), ops=("matmul",), warm=_unpadded(2, 32))
+
+
 # ---------------------------------------------------------------- (b) exact, with a fallback
 def check_gathered(rank, P, rec):
     gathered(rank, P, rec, "RetNet torchscale mask / rowsum.sqrt()", Z.RetNetTorchscale,
@@ -171,3 +200,15 @@ def check_refused(rank, P, rec):
             text=const)
     exact(rank, P, rec, "look-alike constant, length_constants='ignore'", Z.FixedTemperature,
           T=16 * P, length_constants="ignore", kinds={"cumsum"})
+
+
+# ---------------------------------------------------------------- a few at P = 4
+def check_p4(rank, P, rec):
+    exact(rank, P, rec, "HF causal-LM shift loss", Z.HFCausalLM, _tokens(2, 32),
+          kinds={"reduction", "halo"})
+    exact(rank, P, rec, "HF padding mask + causal to SDPA", lambda: Z.PaddedAttention(
+        form="sdpa"), _padded(2, 32), kinds={"attention", "cumsum"}, warm=_unpadded(2, 32))
+    exact(rank, P, rec, "(logits, h[:, -1]) outputs", Z.LogitsAndHidden,
+          kinds={"cumsum", "reduction"})
+    gathered(rank, P, rec, "RetNet torchscale + |qk| row normalisation",
+             lambda: Z.RetNetTorchscale(qk_norm=True), ops=("sum", "matmul"))

@@ -471,3 +471,52 @@ class FixedTemperature(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.lin(x).cumsum(dim=1) / 16.0)
+
+
+class PaddedAttention(nn.Module):
+    """HF-style padding: ``forward(x, attention_mask)`` with a ``[B, T]`` 0/1 mask folded into
+    the causal mask (``min`` where masked), position ids from ``attention_mask.cumsum(-1) - 1``;
+    ``form="sdpa"`` passes the 4-D float mask to SDPA, ``"eager"`` adds it to the scores."""
+
+    def __init__(self, d: int = 16, heads: int = 2, form: str = "sdpa"):
+        super().__init__()
+        self.h, self.dh, self.form = heads, d // heads, form
+        self.qkv = nn.Linear(d, 3 * d)
+        self.pos = nn.Embedding(512, d)
+
+    def forward(self, x, attention_mask):
+        B, T, D = x.shape
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids.masked_fill_(attention_mask == 0, 1)
+        x = x + self.pos(position_ids)
+        q, k, v = (t.view(B, T, self.h, self.dh).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        neg = torch.finfo(x.dtype).min
+        causal = torch.triu(torch.full((T, T), neg, device=x.device), diagonal=1)
+        pad = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * neg
+        mask = (causal[None, None] + pad).clamp(min=neg)
+        if self.form == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            w = q @ k.transpose(-1, -2) / math.sqrt(self.dh) + mask
+            o = torch.softmax(w, dim=-1) @ v
+        return o.transpose(1, 2).reshape(B, T, D)
+
+
+class PaddedLinearAttention(nn.Module):
+    """Causal linear attention with a ``[B, T]`` padding mask multiplied into the keys' side of
+    the mask (``tril * attention_mask[:, None, None, :]``)."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x, attention_mask):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, self.dh).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        m = torch.ones(T, T, device=x.device).tril() * attention_mask[:, None, None, :].to(x.dtype)
+        o = (q @ k.transpose(-1, -2) * m) @ v
+        return o.transpose(1, 2).reshape(B, T, D)

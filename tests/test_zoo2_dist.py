@@ -5,8 +5,8 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_exact", "check_exact_more", "check_gathered", "check_refused"]
-P4 = ["check_exact_more", "check_gathered"]
+P2 = ["check_exact", "check_exact_more", "check_padding", "check_gathered", "check_refused"]
+P4 = ["check_p4"]
 
 
 @pytest.mark.parametrize("world_size,checks", [(2, P2), (4, P4)], ids=["P2", "P4"])

@@ -24,7 +24,7 @@ import torch.fx as fx
 from .. import ops as spops
 from .graph_utils import canonical_name, run_node_on_values, set_meta, tensor_val, val
 from .pipeline import Ctx, register_pass, source_line
-from .sequence_axis import Pair, Partial, Replicate, Shard, analyze
+from .sequence_axis import ELEMENTWISE, Pair, Partial, Replicate, Shard, analyze
 
 
 class SequenceParallelError(RuntimeError):
@@ -137,6 +137,7 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
                   stacklevel=2)
 
 
+_REBUILD_THROUGH = ELEMENTWISE | {"getitem", "unsqueeze", "view", "reshape", "expand"}
 _SIZED_CREATION = {"ones", "zeros", "empty", "rand", "randn", "eye", "full"}
 
 
@@ -171,7 +172,11 @@ class _GlobalRebuild:
         if n in self.memo:
             return self.memo[n]
         p = self.ctx.placements.get(n, Replicate())
-        if isinstance(p, Shard):
+        if isinstance(p, Shard) and canonical_name(n) in _REBUILD_THROUGH and \
+                n.all_input_nodes and all(tensor_val(a) is not None for a in n.all_input_nodes):
+            pass  # recomputed from its rebuilt inputs: (causal[None, None] + pad) holds a
+            # local-length constant that must become global too
+        elif isinstance(p, Shard):
             if p.merged:
                 raise SequenceParallelError(
                     f"spcompile: {self.where} uses a T×T value ({self.reason}) built from a "

@@ -67,6 +67,27 @@ def find_scores(a: fx.Node, pl) -> Tuple[Optional[fx.Node], Set[fx.Node], str]:
     return None, chain, "chain too long"
 
 
+def user_inputs_reached(start: fx.Node, stops: Set[fx.Node]) -> List[str]:
+    """Names of the user inputs (placeholders other than parameters and buffers) that
+    ``start`` depends on without passing through ``stops`` (the scores, a recognised decay):
+    a mask that depends on them (a padding mask) cannot be read by value from one example."""
+    from ..sequence_axis import _is_param_or_buffer, _user_name
+    seen, todo, found = set(), [start], []
+    while todo:
+        n = todo.pop()
+        if n in seen or n in stops:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            v = n.meta.get("example_value")
+            if not _is_param_or_buffer(n) and not getattr(v, "requires_grad", False) and \
+                    isinstance(v, torch.Tensor):
+                found.append(_user_name(n) or n.name)
+            continue
+        todo.extend(n.all_input_nodes)
+    return sorted(found)
+
+
 def _leads_to_scores(n: fx.Node, pl) -> bool:
     for _ in range(64):
         if canonical_name(n) == "matmul" and isinstance(pl.get(n), Pair):
@@ -139,6 +160,12 @@ class MaskedLinearAttention(Pattern):
             if pl.get(g).dim != gd % len(gsh):
                 return FailedMatch(self.name, anchor, "decay cumsum is not along the sequence")
             decay_node = (g, gd % len(gsh))
+        data = user_inputs_reached(a, {s} | set(cumsums))
+        if data:
+            return FailedMatch(self.name, anchor, f"the mask depends on the input(s) {data} "
+                                                  f"(a padding mask?): a mask is read by value "
+                                                  f"from one example, so it must not depend on "
+                                                  f"the data")
         try:
             info = self._check_values(gm, ctx, anchor, a, s, qn, ktn, v, decay_node, mask_nodes)
         except _Refuse as e:

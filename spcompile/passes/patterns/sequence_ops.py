@@ -28,6 +28,7 @@ from ..graph_utils import arg, canonical_name, evaluate, set_meta, shape, val
 from ..pipeline import Ctx
 from ..sequence_axis import Pair, Replicate, Shard, positions_form
 from .base import FailedMatch, Found, Match, Pattern
+from .linear_attention import user_inputs_reached
 
 
 def _call(g: fx.Graph, fn, args, kwargs=None) -> fx.Node:
@@ -84,17 +85,23 @@ class SDPAttention(Pattern):
                 m = evaluate(gm, [mask], ctx.example_inputs, ctx.values)[0]
                 T = shapes[0][2]
                 tril = torch.ones(T, T, dtype=torch.bool).tril()
-                if m.dtype == torch.bool and m.shape[-2:] == (T, T) and bool(
+                # a mask that depends on the data (a padding mask) is never read by value
+                data = user_inputs_reached(mask, set())
+                pm = pl.get(mask)
+                general = m.dim() >= 2 and tuple(m.shape[-2:]) == (T, T) and (
+                    (isinstance(pm, Pair) and (pm.d0, pm.d1) == (m.dim() - 2, m.dim() - 1)) or
+                    (isinstance(pm, Shard) and pm.dim == m.dim() - 1) or
+                    isinstance(pm, Replicate))
+                if not data and m.dtype == torch.bool and m.shape[-2:] == (T, T) and bool(
                         (m == tril).all()):
                     causal = True
-                elif m.dtype != torch.bool and m.shape[-2:] == (T, T) and bool(
+                elif not data and m.dtype != torch.bool and m.shape[-2:] == (T, T) and bool(
                         (torch.isneginf(m) == ~tril).all()) and bool((m[..., tril] == 0).all()):
                     causal = True
-                elif m.dim() >= 2 and tuple(m.shape[-2:]) == (T, T) and \
-                        isinstance(pl.get(mask), Pair) and \
-                        (pl.get(mask).d0, pl.get(mask).d1) == (m.dim() - 2, m.dim() - 1):
-                    # any other T×T mask (ALiBi bias, sliding window): K/V all-gathered, the
-                    # mask's rows for this rank's queries recomputed at the global length
+                elif general:
+                    # any other T×T mask (ALiBi bias, sliding window, causal + padding): K/V
+                    # all-gathered, the mask's rows for this rank's queries recomputed at the
+                    # global length
                     B, H, T, D = shapes[0]
                     yield Match(self.kind, self.name, node, bindings={"q": q, "k": k, "v": v,
                                                                       "mask": mask},
@@ -122,7 +129,16 @@ class SDPAttention(Pattern):
                 rb = _GlobalRebuild(gm, ctx, f"the attention mask at {m.source}",
                                     "an SDPA attn_mask")
                 k, v = rb.gather(m.bindings["k"], 2), rb.gather(m.bindings["v"], 2)
-                rows = _call(g, _row_block, (rb(mask), len(shape(mask)) - 2, ctx.group_name))
+                full = rb(mask)
+                Tg = ctx.seq_len * ctx.world_size
+                if tuple(shape(full)[-2:]) != (Tg, Tg):
+                    from ..fallback import SequenceParallelError
+                    raise SequenceParallelError(
+                        f"spcompile: the attention mask at {m.source} could not be rebuilt for "
+                        f"the global sequence (shape {shape(full)}, want [..., {Tg}, {Tg}]): "
+                        f"build it from the sequence length (arange(T), ones(T, T)) or from a "
+                        f"sequence-shaped input.")
+                rows = _call(g, _row_block, (full, len(shape(mask)) - 2, ctx.group_name))
                 out = _call(g, F.scaled_dot_product_attention, (m.bindings["q"], k, v),
                             {"attn_mask": rows, "scale": m.info["scale"],
                              "enable_gqa": m.info["gqa"]})

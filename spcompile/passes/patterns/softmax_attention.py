@@ -19,7 +19,7 @@ from ..graph_utils import canonical_name, evaluate, set_meta, shape
 from ..pipeline import Ctx
 from ..sequence_axis import Pair, Shard
 from .base import FailedMatch, Found, Match, Pattern
-from .linear_attention import find_scores
+from .linear_attention import find_scores, user_inputs_reached
 from .sequence_ops import _finish, _sdpa_sp
 
 
@@ -62,6 +62,11 @@ class ManualSoftmaxAttention(Pattern):
             pv = pl.get(v)
             if not (isinstance(pv, Shard) and pv.dim == len(shape(v)) - 2):
                 yield FailedMatch(self.name, node, "values are not [..., T, D] sharded on T")
+                continue
+            data = user_inputs_reached(logits, {s})
+            if data:
+                yield FailedMatch(self.name, node, f"the mask depends on the input(s) {data} "
+                                                   f"(a padding mask?); it is not read by value")
                 continue
             found = self._check(gm, ctx, node, a, logits, s, v)
             if isinstance(found, str):
