@@ -149,6 +149,8 @@ def check_exact(rank, P, rec):
           kinds={"positions"})
     exact(rank, P, rec, "mean-pool classifier", Z.MeanPoolClassifier,
           kinds={"linear_scan", "reduction"})
+    exact(rank, P, rec, "masked mean pooling (h * m).sum(1) / m.sum(1)", Z.MaskedMeanPool,
+          _padded(2, 32), kinds={"reduction"})
 
 
 def check_exact_more(rank, P, rec):
@@ -185,6 +187,8 @@ def check_gathered(rank, P, rec):
     gathered(rank, P, rec, "ALiBi manual softmax", Z.ALiBiAttention, ops=("matmul",))
     gathered(rank, P, rec, "FFT long conv rfft(n=2T), filter[:, :T]", Z.FFTConvFixedFilter,
              ops=("fft_rfft",))
+    gathered(rank, P, rec, "T5 bucketed relative position bias", Z.T5RelativeBias,
+             ops=("matmul",))
 
 
 # ---------------------------------------------------------------- (c) refusals

@@ -520,3 +520,48 @@ class PaddedLinearAttention(nn.Module):
         m = torch.ones(T, T, device=x.device).tril() * attention_mask[:, None, None, :].to(x.dtype)
         o = (q @ k.transpose(-1, -2) * m) @ v
         return o.transpose(1, 2).reshape(B, T, D)
+
+
+class T5RelativeBias(nn.Module):
+    """T5's bucketed relative position bias (``memory - context`` from arange, log buckets,
+    an ``nn.Embedding`` of buckets → ``[1, H, T, T]``) added to the scores, causal."""
+
+    def __init__(self, d: int = 16, heads: int = 2, buckets: int = 8, max_distance: int = 32):
+        super().__init__()
+        self.h, self.dh, self.nb, self.maxd = heads, d // heads, buckets, max_distance
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.relative_attention_bias = nn.Embedding(buckets, heads)
+
+    def bucket(self, relative_position):
+        n = -torch.min(relative_position, torch.zeros_like(relative_position))
+        max_exact = self.nb // 2
+        is_small = n < max_exact
+        large = max_exact + (torch.log(n.float() / max_exact + 1e-6) /
+                             math.log(self.maxd / max_exact) * (self.nb - max_exact)).to(torch.long)
+        large = torch.min(large, torch.full_like(large, self.nb - 1))
+        return torch.where(is_small, n, large)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, self.dh).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        context = torch.arange(T, dtype=torch.long)[:, None]
+        memory = torch.arange(T, dtype=torch.long)[None, :]
+        bias = self.relative_attention_bias(self.bucket(memory - context))
+        bias = bias.permute([2, 0, 1]).unsqueeze(0)
+        bias = bias + torch.triu(torch.full((T, T), float("-inf")), 1)
+        w = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)
+        return (w @ v).transpose(1, 2).reshape(B, T, D)
+
+
+class MaskedMeanPool(nn.Module):
+    """Sentence-embedding pooling: ``(h * m).sum(1) / m.sum(1)`` with a ``[B, T]`` mask input."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x, attention_mask):
+        h = torch.tanh(self.lin(x))
+        m = attention_mask[..., None].float()
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
