@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import canonical_name, set_meta, shape
+from .graph_utils import canonical_name, set_meta, shape, tensor_val
 from .pipeline import Ctx, register_pass
 
 _METHODS_TO_FUNCTIONS = {
@@ -330,7 +330,7 @@ def _lower_mha(gm: fx.GraphModule, node: fx.Node) -> None:
     elif mask is not None:
         mv = node.meta.get("example_value")
         dt = (mv[0] if isinstance(mv, (tuple, list)) else mv).dtype
-        if tensor_val_dtype(mask) == torch.bool:  # True = masked out → additive -inf
+        if getattr(tensor_val(mask), "dtype", None) == torch.bool:  # True = masked out → additive -inf
             zeros = _new(gm, node, torch.zeros_like, (mask,), {"dtype": dt})
             mask = _new(gm, node, torch.masked_fill, (zeros, mask, float("-inf")))
         if len(shape(mask)) == 3:  # [B*H, T, S]
@@ -344,11 +344,6 @@ def _lower_mha(gm: fx.GraphModule, node: fx.Node) -> None:
     for u in list(node.users):
         _replace(gm, u, o)
     gm.graph.erase_node(node)
-
-
-def tensor_val_dtype(n: fx.Node):
-    v = n.meta.get("example_value")
-    return getattr(v, "dtype", None)
 
 
 @register_pass("canonicalize")

@@ -19,6 +19,7 @@ are masked); K, V in {16..128} are the tuned range.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Callable, Dict, List, Optional, Tuple
@@ -77,9 +78,15 @@ _TUNED: Dict[tuple, Dict[str, int]] = {}
 
 
 def _overrides() -> Dict[str, Dict[str, int]]:
+    """SPCOMPILE_TRITON_CFG, parsed once per distinct value (read on every launch)."""
     env = os.environ.get("SPCOMPILE_TRITON_CFG")
     if not env:
         return {}
+    return _parse_overrides(env)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_overrides(env: str) -> Dict[str, Dict[str, int]]:
     try:
         got = json.loads(env)
     except ValueError as e:
