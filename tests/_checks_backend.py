@@ -109,12 +109,13 @@ def check_fallback(rank, P, rec):
     rec.true("fallback flip: warned, naming the op and line",
              any("flip" in m and "models.py" in m for m in msgs), "; ".join(msgs)[:500])
     rec.true("fallback flip: recorded", _fallbacks(be) >= 1)
-    from models import CatShift, TokenLoop
+    from models import CatShift
+    from models_loops import CounterLoop
     be = compare_sharded(rank, P, rec, "fallback cat-shift", lambda: CatShift())
     rec.true("fallback cat-shift: gathered, re-sharded", _fallbacks(be) >= 1)
     torch._dynamo.reset()
     try:
-        torch.compile(TokenLoop(), backend=spcompile.backend())(torch.randn(2, 8, 16))
+        torch.compile(CounterLoop(), backend=spcompile.backend())(torch.randn(2, 8, 16))
         rec.true("python loop over tokens refused", False, "no error raised")
     except Exception as e:  # noqa: BLE001
         rec.true("python loop over tokens refused", "loop over" in str(e), str(e)[:300])

@@ -275,7 +275,8 @@ class CatShift(nn.Module):
 
 
 class TokenLoop(nn.Module):
-    """A recurrence written as a Python loop over tokens: refused sharded (never wrong)."""
+    """A recurrence written as a Python loop over tokens (rewritten with its carried state:
+    tests/test_loops_dist.py)."""
 
     def __init__(self, d: int = 16):
         super().__init__()

@@ -32,8 +32,30 @@ def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 ctx.matches.append(found)
             elif isinstance(found, FailedMatch):  # None: not this family at all
                 ctx.near_misses.append(found)
+    _drop_matches_inside_loops(ctx)
     _drop_matches_downstream_of_global_regions(ctx)
     return gm
+
+
+def _drop_matches_inside_loops(ctx: Ctx) -> None:
+    """A Python loop over tokens/blocks is rewritten as a whole (``loop_recurrence``): what
+    other families found inside its body (a block's masked form, a block's positions) are
+    per-step computations on local data, not sequence ops."""
+    loops = [m for m in ctx.matches if m.kind == "loop_scan"]
+    if not loops:
+        return
+    inside = set()
+    for m in loops:
+        inside |= set(m.nodes)
+    ctx.near_misses[:] = [f for f in ctx.near_misses if f.node not in inside]
+    keep = []
+    for m in ctx.matches:
+        if m.kind != "loop_scan" and (m.anchor in inside or set(m.nodes) & inside):
+            ctx.near_misses.append(FailedMatch(m.pattern, m.anchor, "inside the body of a "
+                                               "Python loop rewritten as a whole"))
+        else:
+            keep.append(m)
+    ctx.matches[:] = keep
 
 
 def _drop_matches_downstream_of_global_regions(ctx: Ctx) -> None:

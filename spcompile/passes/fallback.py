@@ -476,11 +476,13 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
             tiles = tiles and a == covered and b > a
             covered = b
         if len(nodes) >= 3 or (tiles and covered == T):
+            why = [f.reason for f in ctx.near_misses if f.pattern == "loop_recurrence"]
+            why = (f" Not rewritten as a loop with a carried state: {why[0]}." if why else "")
             raise SequenceParallelError(
                 f"spcompile: {len(nodes)} slices/indexes along the sharded sequence axis of one "
                 f"value (first at {source_line(nodes[0]) or nodes[0].name}): a Python loop over "
                 f"tokens or chunks, unrolled with this rank's local count. spcompile cannot make "
-                f"it sequence parallel by gathering. Write the layer in a supported form (masked "
+                f"it sequence parallel by gathering.{why} Write the layer in a supported form (masked "
                 f"quadratic, segsum, cumsum), or declare it with @spcompile.linear_attention / "
                 f"@spcompile.ssm_scan.")
 

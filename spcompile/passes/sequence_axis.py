@@ -797,6 +797,9 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "embedding": Analyzer.embedding, "normalize": Analyzer.last_dim_local,
     "size": Analyzer.size_query, "dim": Analyzer.size_query, "shape": Analyzer.size_query,
     "getattr": Analyzer.size_query,
+    # fresh tensors that only take the input's dtype/device (their sizes are Python ints)
+    "new_zeros": Analyzer.size_query, "new_ones": Analyzer.size_query,
+    "new_full": Analyzer.size_query, "new_empty": Analyzer.size_query,
     "split": Analyzer.split, "chunk": Analyzer.split, "unbind": Analyzer.unbind,
     "cat": Analyzer.cat, "concat": Analyzer.cat, "concatenate": Analyzer.cat,
     "stack": Analyzer.stack, "expand": Analyzer.expand, "expand_as": Analyzer.expand,

@@ -17,5 +17,7 @@ REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalC
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the masked forms)
 REGISTRY.insert(1, ChunkStateRecurrence)
+from .loop_recurrence import LoopRecurrence  # noqa: E402 (owns the whole unrolled loop)
+REGISTRY.insert(2, LoopRecurrence)
 
 __all__ = ["FailedMatch", "Found", "Match", "Pattern", "REGISTRY", "all_patterns"]

@@ -1,0 +1,653 @@
+"""Recurrences written as Python loops over tokens or blocks (HF Mamba's ``slow_forward``,
+lightning attention's block loop, RNN-style linear recurrences).
+
+Dynamo unrolls such a loop with this rank's *local* count: step ``k`` reads tokens (or a block)
+``k`` of the shard, updates a carried state and emits a value. The unrolled program is exactly the
+global loop's steps for this rank's tokens **if** (a) the state entering the rank is the global
+one, and (b) no step depends on its own number (the body is the same for every step). Both are
+checked here, and (a) is then made true:
+
+* **steps** — the reads: several getitems of one sharded value along the sequence whose spans
+  tile ``[0, T_local)``; step ``k`` = the ``k``-th span. Every node is given the set of steps it
+  depends on (the carried state does not count); a node of one step belongs to that step's body,
+  a ``stack``/``cat`` of one value per step in order is the loop's output (sharded along its
+  axis), anything else that mixes steps is refused.
+* **the state chain** — from a replicated root (``zeros``, a learned ``h0``) a path of
+  elementwise ops that are *affine and diagonal in the state*: ``s·a``, ``s/a``, ``s±b``, ``-s``,
+  casts, whose other operands never depend on the state. So the rank's map on its entering state
+  is ``s_out = D ⊙ s_in + S_loc``.
+* **the body is step-invariant** — every step's nodes, in order, have the same fingerprint (op,
+  literal arguments, which read/state/earlier node they use), so a rank that restarts the
+  counter at 0 computes the same thing as the global loop at its offset (``γ ** t`` in the body,
+  a partial last block, an ``if t == 0`` branch: refused).
+
+The rewrite computes, next to the loop, a copy of the chain from zero (``S_loc``) and its linear
+part on ones (``D``), all-gathers them (``P`` states each way: LASP-2's hand-off), folds the
+earlier ranks' ``(D, S_loc)`` into the state entering this rank (starting from the root's value,
+so a learned ``h0`` enters on rank 0 only), and feeds that to the loop in place of the root.
+Uses of the final state after the loop get the fold over all ranks (the global final state). Gradients flow through the fold
+and the all-gather (its backward is a reduce-scatter).
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+
+from ..graph_utils import canonical_name, set_meta, shape, tensor_val
+from ..pipeline import Ctx
+from ..sequence_axis import Replicate, Shard
+from .base import FailedMatch, Found, Match, Pattern
+
+_INDEXING = ("integer index into the sequence axis", "slice of the sequence axis")
+# ops whose tensor inputs only lend their shape/dtype/device
+_SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
+               "new_empty", "new_full", "size", "dim", "shape"}
+# fresh tensors of one constant: the same on every rank whatever their shape argument
+_CONST_FACTORIES = {"zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones",
+                    "full", "full_like", "new_full"}
+_CASTS = {"to", "float", "double", "half", "bfloat16", "type_as", "clone", "contiguous"}
+_AFFINE = {"add", "sub", "mul", "div", "neg"} | _CASTS
+_COMBINE = {"stack", "cat", "concat", "concatenate"}
+
+
+def _tensor_inputs(n: fx.Node) -> List[fx.Node]:
+    return [a for a in n.all_input_nodes if tensor_val(a) is not None]
+
+
+def _state_operand_ok(u: fx.Node, s: fx.Node) -> bool:
+    """Is ``u`` affine and diagonal in ``s`` (its one state operand, the first for sub/div)?"""
+    name = canonical_name(u)
+    if name not in _AFFINE or shape(u) is None or shape(u) != shape(s):
+        return False
+    if name in _CASTS:
+        if u.args[0] is not s or any(a is s for a in u.args[1:]):
+            return False
+        v = tensor_val(u)
+        return v is not None and v.dtype.is_floating_point
+    ins = [a for a in list(u.args) + list(u.kwargs.values()) if a is s]
+    if len(ins) != 1 or not u.args or s not in u.args[:2]:
+        return False
+    if name == "div" and u.args[0] is not s:
+        return False  # b / s is not affine in s
+    if name in ("add", "sub") and len(u.args) > 2 or "alpha" in u.kwargs:
+        return False
+    if name in ("div",) and (len(u.args) > 2 or u.kwargs):
+        return False  # rounding modes
+    return True
+
+
+def _flat(x):
+    """The tuples nested in a fingerprint."""
+    if isinstance(x, tuple):
+        yield x
+        for a in x:
+            yield from _flat(a)
+
+
+def _span(node: fx.Node, dim: int, T: int) -> Optional[Tuple[int, int]]:
+    from ..fallback import _seq_span
+    return _seq_span(node, dim, T)
+
+
+def _fold_states(root, S_loc, D, group_name: str):
+    """→ (the state entering this rank, the global final state): the ranks' maps
+    ``s ↦ D_j ⊙ s + S_loc_j`` applied in rank order to the root's value — those of the earlier
+    ranks for the first, all of them for the second. One all-gather of ``(S_loc, D)`` (its
+    backward is one reduce-scatter). Every rank runs the same ops (only the ``where`` masks
+    differ), so the backward's collectives come in the same order on every rank."""
+    if not group_name:
+        return root, root
+    from ...collectives import group_rank, group_size
+    r, P = group_rank(group_name), group_size(group_name)
+    dt = S_loc.dtype
+    both = torch.stack([S_loc, D.to(dt)]).unsqueeze(0).contiguous()
+    alls = torch.ops.spcompile.gather_sequence_rs(both, 0, group_name, "loop_carry")
+    acc = fin = root.to(dt)
+    for j in range(P):
+        Sj, Dj = alls[j, 0], alls[j, 1]
+        acc = torch.where(torch.tensor(j < r), Dj * acc + Sj, acc)
+        fin = Dj * fin + Sj
+    return acc.to(root.dtype), fin.to(root.dtype)
+
+
+class _Loop:
+    """What ``find`` learned about one unrolled loop (the rewrite reads it)."""
+
+    def __init__(self):
+        self.reads: Dict[fx.Node, int] = {}  # read → step
+        self.read_len: Dict[fx.Node, int] = {}  # read → tokens it takes
+        self.read_dim: Dict[fx.Node, int] = {}  # read → the source's sequence dim
+        self.spans: List[Tuple[int, int]] = []
+        self.per_step: List[List[fx.Node]] = []
+        self.chain_step: Dict[fx.Node, int] = {}
+        self.shape_reads: Set[fx.Node] = set()  # reads that only lend a shape
+        self.chains: List[Tuple[fx.Node, List[fx.Node]]] = []  # (root, chain)
+        self.body: Dict[fx.Node, int] = {}  # node → step (reads, chain nodes, body nodes)
+        self.combiners: Dict[fx.Node, int] = {}  # stack/cat → output dim
+        self.after: Dict[fx.Node, fx.Node] = {}  # after-loop node → final state it reads
+        self.n = 0
+        self.synth: Set[int] = set()  # chains whose last-step update Dynamo dropped (dead)
+
+
+class LoopRecurrence(Pattern):
+    name = "loop_recurrence"
+    kind = "loop_scan"
+
+    def find(self, gm: fx.GraphModule, ctx: Ctx) -> Iterable[Found]:
+        T = ctx.seq_len
+        if T is None:
+            return
+        pl = ctx.placements
+        by_src: Dict[fx.Node, List[Tuple[fx.Node, Tuple[int, int]]]] = {}
+        for node, reason in list(ctx.mixing.items()):
+            if canonical_name(node) != "getitem" or reason not in _INDEXING or not node.users:
+                continue
+            p = pl.get(node.args[0])
+            if not isinstance(p, Shard) or p.merged:
+                continue
+            sp = _span(node, p.dim, T)
+            if sp is not None:
+                by_src.setdefault(node.args[0], []).append((node, sp))
+        groups: Dict[tuple, Dict[fx.Node, Tuple[int, int]]] = {}
+        for src, rs in by_src.items():
+            spans = sorted(set(sp for _, sp in rs))
+            covered = 0
+            tiles = len(spans) >= 2
+            for a, b in spans:
+                tiles = tiles and a == covered and b > a
+                covered = b
+            if tiles and covered == T:
+                g = groups.setdefault(tuple(spans), {})
+                g.update(dict(rs))
+        for spans, reads in groups.items():
+            found = self._match(gm, ctx, list(spans), reads)
+            if found is not None:
+                yield found
+
+    # ---------------------------------------------------------------- analysis
+    def _match(self, gm, ctx: Ctx, spans, reads, trims=None) -> Optional[Found]:
+        trims = dict(trims or {})
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first = min(reads, key=order.get)
+        fail = lambda why: FailedMatch(self.name, first, why)  # noqa: E731
+        L = _Loop()
+        L.n = len(spans)
+        step_of_span = {sp: k for k, sp in enumerate(spans)}
+        for r, sp in reads.items():
+            L.reads[r] = step_of_span[sp]
+            L.read_len[r] = sp[1] - sp[0]
+            L.read_dim[r] = ctx.placements[r.args[0]].dim
+            if all(canonical_name(u) in _SHAPE_ONLY for u in r.users):
+                L.shape_reads.add(r)
+        L.spans = list(spans)
+
+        # nodes downstream of the reads (shape-only uses do not carry data)
+        dep: Set[fx.Node] = set()
+        for n in gm.graph.nodes:
+            if n in L.reads and n not in L.shape_reads:
+                dep.add(n)
+            elif canonical_name(n) not in _SHAPE_ONLY and any(a in dep for a in n.all_input_nodes):
+                dep.add(n)
+
+        # the latest step each node has read (through any input)
+        mstep: Dict[fx.Node, int] = {}
+        for n in gm.graph.nodes:
+            if n in L.reads and n not in L.shape_reads:
+                mstep[n] = L.reads[n]
+            elif canonical_name(n) not in _SHAPE_ONLY:
+                mstep[n] = max((mstep.get(a, -1) for a in n.all_input_nodes), default=-1)
+
+        # state chains: from a replicated root, the path of affine-diagonal updates that reaches
+        # the latest step (then the longest): a readout of the same shape is a side branch
+        memo: Dict[fx.Node, Tuple[int, int, List[fx.Node]]] = {}
+
+        def longest(s: fx.Node) -> Tuple[int, int, List[fx.Node]]:
+            if s in memo:
+                return memo[s]
+            memo[s] = (mstep.get(s, -1), 0, [])
+            best = memo[s]
+            for u in sorted(s.users, key=order.get):
+                if _state_operand_ok(u, s):
+                    reach_u, n_u, path_u = longest(u)
+                    cand = (max(reach_u, mstep.get(u, -1)), n_u + 1, [u] + path_u)
+                    if cand[:2] > best[:2]:
+                        best = cand
+            memo[s] = best
+            return best
+
+        in_chain: Set[fx.Node] = set()
+        for z in gm.graph.nodes:
+            if z in in_chain or z in dep or z.op == "output" or tensor_val(z) is None:
+                continue
+            if not isinstance(ctx.placements.get(z), Replicate) and \
+                    canonical_name(z) not in _CONST_FACTORIES:
+                continue
+            if not tensor_val(z).dtype.is_floating_point:
+                continue
+            if not any(_state_operand_ok(u, z) for u in z.users):
+                continue
+            chain = longest(z)[2]
+            if trims.get(z):
+                chain = chain[:-trims[z]]
+            if len(chain) < L.n or not any(c in dep for c in chain):
+                continue
+            L.chains.append((z, chain))
+            in_chain |= set(chain)
+        if not L.chains:
+            return fail("no carried state: no replicated initial value updated by an affine "
+                        "elementwise chain across the steps")
+        roots = {z for z, _ in L.chains}
+        state_nodes = in_chain | roots
+        chain_of: Dict[fx.Node, Tuple[int, int]] = {}
+        for ci, (z, chain) in enumerate(L.chains):
+            chain_of[z] = (ci, -1)
+            for i, c in enumerate(chain):
+                chain_of[c] = (ci, i)
+
+        # the chain's other operands must not depend on any state
+        reach: Set[fx.Node] = set(state_nodes)
+        for n in gm.graph.nodes:
+            if n not in reach and canonical_name(n) not in _SHAPE_ONLY and \
+                    any(a in reach for a in n.all_input_nodes):
+                reach.add(n)
+        for z, chain in L.chains:
+            prev = z
+            for c in chain:
+                others = [a for a in c.all_input_nodes if a is not prev]
+                bad = [a for a in others if a in reach]
+                if bad:
+                    return fail(f"the state update {c.name} ({canonical_name(c)}) also uses "
+                                f"{bad[0].name}, which depends on a carried state: the "
+                                f"recurrence is not affine in its state")
+                prev = c
+
+        # steps of every node through the tokens it reads (carried states do not count)
+        rtag: Dict[fx.Node, frozenset] = {}
+        chain_step: Dict[fx.Node, int] = {}
+        for n in gm.graph.nodes:
+            if n in L.reads:
+                rtag[n] = frozenset() if n in L.shape_reads else frozenset({L.reads[n]})
+                continue
+            if n in roots or canonical_name(n) in _SHAPE_ONLY or \
+                    n.op in ("placeholder", "get_attr", "output"):
+                rtag[n] = frozenset()
+                continue
+            rt: Set[int] = set()
+            for a in n.all_input_nodes:
+                if a not in state_nodes and a not in L.combiners:
+                    rt |= rtag.get(a, frozenset())
+            if n in in_chain:
+                if len(rt) > 1:
+                    return fail(f"the state update {n.name} reads tokens of several steps")
+                rtag[n] = frozenset(rt)
+                if rt:
+                    chain_step[n] = next(iter(rt))
+                continue
+            if len(rt) > 1:
+                if canonical_name(n) in _COMBINE:
+                    L.combiners[n] = -1
+                    rtag[n] = frozenset()
+                    continue
+                return fail(f"{canonical_name(n)} at {n.name} combines values of several loop "
+                            f"steps (only a stack/cat of one value per step is understood)")
+            rtag[n] = frozenset(rt)
+        # chain nodes without a read take the step of the next update that has one
+        for ci, (z, chain) in enumerate(L.chains):
+            known = [chain_step[c] for c in chain if c in chain_step]
+            if not known:
+                return fail("the carried state never takes tokens of a step")
+            nxt = None
+            for c in reversed(chain):
+                if c in chain_step:
+                    nxt = chain_step[c]
+                else:
+                    chain_step[c] = nxt if nxt is not None else known[-1]
+            steps = [chain_step[c] for c in chain]
+            if steps != sorted(steps):
+                return fail("the carried state is not updated in step order")
+            if set(steps) == set(range(L.n - 1)) and L.n > 2:
+                # the last step's update is dead code (the final state is not used): rebuilt
+                # from the step before it when the rank's state is needed
+                L.synth.add(ci)
+            elif set(steps) == set(range(L.n - 1)):
+                return fail("the last step's update is unused and there are only two steps "
+                            "per rank, so the update cannot be checked against another step "
+                            "(use more blocks per rank)")
+            elif set(steps) != set(range(L.n)):
+                return fail("the carried state is not updated once per step in step order")
+            nsteps = L.n - 1 if ci in L.synth else L.n
+            counts = [steps.count(k) for k in range(nsteps)]
+            extra = counts[-1] - counts[0]
+            if extra > 0 and len(set(counts[:-1])) == 1 and not trims.get(z):
+                # ops of the state's shape after the last step's update (a cast or a product
+                # for the readout, post-processing of the final state): not the recurrence
+                trims[z] = extra
+                return self._match(gm, ctx, spans, reads, trims)
+            if len(set(counts)) != 1:
+                return fail("the carried state is updated a different number of times in "
+                            "different steps")
+        if L.synth and len(L.synth) != len(L.chains):
+            return fail("some carried states are updated in the last step and some are not")
+        # every node that reads tokens belongs to that step; a node that only reads carried
+        # states (a cast, s[:, None]) belongs to the step that uses it
+        views: List[fx.Node] = []
+        view_set: Set[fx.Node] = set()
+        for n in gm.graph.nodes:
+            if n in state_nodes or n in L.reads or n in L.combiners:
+                continue
+            if rtag.get(n):
+                L.body[n] = next(iter(rtag[n]))
+                continue
+            ow: Set[int] = set()
+            from_state = False
+            for a in n.all_input_nodes:
+                if a in state_nodes or a in view_set:
+                    from_state = True
+                    if a in chain_step:
+                        ow.add(chain_step[a])
+                elif a in L.body:
+                    ow.add(L.body[a])
+            if len(ow) > 1:
+                if canonical_name(n) in _COMBINE:
+                    L.combiners[n] = -1
+                    continue
+                return fail(f"{canonical_name(n)} at {n.name} combines values of several "
+                            f"loop steps (only a stack/cat of one value per step is "
+                            f"understood)")
+            if from_state:
+                views.append(n)
+                view_set.add(n)
+                n.meta["_loop_owner"] = next(iter(ow)) if ow else None
+            elif ow:
+                L.body[n] = next(iter(ow))
+        for r in L.reads:
+            if r not in L.shape_reads:
+                L.body[r] = L.reads[r]
+        for c in in_chain:
+            L.body[c] = chain_step[c]
+        for n in reversed(views):
+            used = {L.body[u] for u in n.users if u in L.body}
+            own = n.meta.pop("_loop_owner", None)
+            if used:
+                L.body[n] = min(used)
+            elif own is not None:
+                L.body[n] = own
+
+        # the output of the loop: stack/cat of one value per step, in order
+        T = ctx.seq_len
+        for cmb in list(L.combiners):
+            tensors = cmb.args[0] if cmb.args else cmb.kwargs.get("tensors")
+            if not isinstance(tensors, (list, tuple)) or \
+                    [L.body.get(t) for t in tensors] != list(range(L.n)):
+                return fail(f"{canonical_name(cmb)} at {cmb.name} does not take one value per "
+                            f"loop step in step order")
+            d = cmb.args[1] if len(cmb.args) > 1 else cmb.kwargs.get("dim", 0)
+            out = shape(cmb)
+            d %= len(out)
+            if out[d] != T:
+                return fail(f"{canonical_name(cmb)} at {cmb.name} does not rebuild the "
+                            f"sequence axis (length {out[d]}, not {T})")
+            L.combiners[cmb] = d
+
+        # final-state uses after the loop: extra nodes at the end of the last step that read
+        # only carried states (no tokens)
+        per_step: List[List[fx.Node]] = [[] for _ in range(L.n)]
+        for n in gm.graph.nodes:
+            if n in L.body:
+                per_step[L.body[n]].append(n)
+        base = len(per_step[0])
+        last = per_step[-1]
+        for n in last[base:]:
+            if rtag.get(n) or n in in_chain:
+                return fail(f"the last loop step has more operations than the first "
+                            f"({canonical_name(n)} at {n.name}): the body depends on the step")
+        per_step[-1] = last[:base]
+        finals = {chain[-1] for _, chain in L.chains}
+        after: Set[fx.Node] = set()
+        for n in last[base:]:  # graph order
+            del L.body[n]
+            after.add(n)
+            for a in n.all_input_nodes:
+                if a in state_nodes and a not in finals:
+                    return fail(f"{n.name} after the loop reads an intermediate carried state")
+                if a in finals:
+                    L.after[n] = a
+                elif a in L.body:
+                    return fail(f"{n.name} after the loop reads a value of the last step")
+
+        # the body is the same in every step
+        fps = [self._fingerprints(per_step[k], k, L, chain_of, chain_step) for k in range(L.n)]
+        ref_last = fps[0]
+        if L.synth:  # the last step is step 0 without its (dead) update
+            live = {n for n in per_step[0] if any(u in L.combiners for u in n.users)}
+            for n in reversed(per_step[0]):
+                if n in live:
+                    live |= {a for a in n.all_input_nodes if a in per_step[0]}
+            ref_last = self._fingerprints([n for n in per_step[0] if n in live], 0, L,
+                                          chain_of, chain_step)
+        for k in range(1, L.n):
+            ref = ref_last if k == L.n - 1 else fps[0]
+            if fps[k] == ref:
+                continue
+            i = next((i for i, (x, y) in enumerate(zip(fps[k], ref)) if x != y),
+                     min(len(fps[k]), len(ref)))
+            steps_k = per_step[k]
+            node = steps_k[min(i, len(steps_k) - 1)] if steps_k else first
+            return fail(f"loop step {k} differs from step 0 at {canonical_name(node)} "
+                        f"({node.name}): the body depends on the step number (a counter "
+                        f"used as a number, a partial block, a branch)")
+        if any(any(x[:1] == ("step",) for x in _flat(fp)) for fps_k in fps for fp in fps_k):
+            return fail("a loop step uses a value of another step other than the carried state")
+        L.per_step, L.chain_step = per_step, chain_step
+        # every value of the body that leaves it goes to a combiner, a state, or nowhere
+        for n, k in L.body.items():
+            for u in n.users:
+                if u in L.body or u in L.combiners or u in state_nodes or u in after:
+                    continue
+                if n in finals:  # the final state after the loop (or returned)
+                    L.after[u] = n
+                    continue
+                return fail(f"{n.name} of loop step {k} is used after the loop by {u.name}")
+        covered = set(L.body) | set(L.combiners) | set(L.reads) | state_nodes
+        z0, c0 = L.chains[0]
+        return Match(self.kind, self.name, c0[0], nodes=covered,
+                     info={"steps": L.n, "states": len(L.chains),
+                           "step_tokens": spans[0][1] - spans[0][0],
+                           "only_strategy": "allgather", "_loop": L,
+                           "form": "Python loop with a carried state (unrolled)"})
+
+    @staticmethod
+    def _fingerprints(nodes, k, L: _Loop, chain_of, chain_step) -> List[tuple]:
+        local = {n: i for i, n in enumerate(nodes)}
+        base: Dict[int, int] = {}  # chain → index of its first update in step k
+        for ci, (z, chain) in enumerate(L.chains):
+            idx = [i for i, c in enumerate(chain) if chain_step[c] == k]
+            base[ci] = idx[0] if idx else len(chain)  # no update: entering = last
+
+        def ref(x):
+            if isinstance(x, fx.Node):
+                if x in chain_of:
+                    ci, i = chain_of[x]
+                    return ("state", ci, i - base[ci])
+                if x in local:
+                    return ("local", local[x])
+                if x in L.body:
+                    return ("step", L.body[x] - k)
+                return ("inv", x.name)
+            if isinstance(x, (list, tuple)):
+                return (type(x).__name__,) + tuple(ref(a) for a in x)
+            if isinstance(x, dict):
+                return tuple(sorted((key, ref(v)) for key, v in x.items()))
+            if isinstance(x, slice):
+                return ("slice", ref(x.start), ref(x.stop), ref(x.step))
+            return ("lit", repr(x))
+
+        out = []
+        for n in nodes:
+            if n in L.reads:
+                src = n.args[0]
+                idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+                out.append(("read", src.name, L.read_len[n], repr(tuple(
+                    type(i).__name__ if isinstance(i, (int, slice)) else repr(i) for i in idx))))
+                continue
+            out.append((n.op, str(n.target), ref(n.args), ref(dict(n.kwargs))))
+        return out
+
+    # ---------------------------------------------------------------- rewrite
+    def rewrite(self, gm: fx.GraphModule, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        L: _Loop = m.info["_loop"]
+        g = gm.graph
+        created: Set[fx.Node] = set()
+        for ci in sorted(L.synth):
+            self._rebuild_last_update(g, L, ci)
+        for z, chain in L.chains:
+            end = chain[-1]
+            with g.inserting_before(end.next), ctx.provenance(gm, m, end):
+                new: List[fx.Node] = []
+
+                def mk(fn, args, kwargs=None):
+                    n = g.call_function(fn, tuple(args), kwargs or {})
+                    set_meta(n)
+                    new.append(n)
+                    return n
+
+                zero = mk(torch.zeros_like, (z,))
+                one = mk(torch.ones_like, (z,))
+                s_loc, lin, prev = zero, one, z
+                for c in chain:
+                    s_loc = self._copy(g, c, prev, s_loc, new)
+                    lin = self._linear(g, c, prev, lin, new)
+                    prev = c
+                folded = mk(_fold_states, (z, s_loc, lin, ctx.group_name))
+                s_in = mk(operator.getitem, (folded, 0))
+                final = None
+                if any(f is end for f in L.after.values()):
+                    final = mk(operator.getitem, (folded, 1))
+            created |= set(new)
+            for n in new:
+                n.meta["spcompile_placement"] = Replicate()
+            # only the loop's own uses: a root like a parameter may be used elsewhere too
+            z.replace_all_uses_with(s_in, delete_user_cb=lambda u: u not in created and
+                                    u in L.body)
+            if final is not None:
+                for n, f in L.after.items():
+                    if f is end:
+                        n.replace_input_with(end, final)
+        # placements the later analyses must not recompute as mixing
+        for n in L.reads:
+            n.meta["spcompile_placement"] = Replicate()
+        for n in L.body:
+            n.meta["spcompile_placement"] = Replicate()
+        for n, d in L.combiners.items():
+            n.meta["spcompile_placement"] = Shard(d)
+        _stable_toposort(g)
+
+    def _rebuild_last_update(self, g: fx.Graph, L: _Loop, ci: int) -> None:
+        """Dynamo dropped the last step's update (nothing used the final state); the rank's
+        state after its shard needs it: clone the previous step's update with the last step's
+        reads (the body was checked to be the same in every step)."""
+        z, chain = L.chains[ci]
+        k = L.n - 2
+        upd = [c for c in chain if L.chain_step[c] == k]
+        i0 = chain.index(upd[0])
+        entering = chain[i0 - 1] if i0 > 0 else z
+        nodes = L.per_step[k]
+        need = set(upd)
+        for n in reversed(nodes):
+            if n in need:
+                need |= {a for a in n.all_input_nodes if a in nodes}
+        mapping = {entering: chain[-1]}
+        out = next(n for n in g.nodes if n.op == "output")
+        new_chain = []
+        with g.inserting_before(out):
+            for n in nodes:
+                if n not in need:
+                    continue
+                if n in L.reads:
+                    mapping[n] = self._read_at(g, n, L, L.n - 1)
+                    continue
+                c = g.node_copy(n, lambda x: mapping.get(x, x))
+                set_meta(c)
+                mapping[n] = c
+                if n in upd:
+                    new_chain.append(c)
+        chain.extend(new_chain)
+
+    @staticmethod
+    def _read_at(g: fx.Graph, r: fx.Node, L: _Loop, step: int) -> fx.Node:
+        """Read ``r``'s source as ``r`` does, at ``step``'s span (an existing read if any)."""
+        src = r.args[0]
+        idx = list(r.args[1] if isinstance(r.args[1], tuple) else (r.args[1],))
+        a, b = L.spans[step]
+        d = 0
+        for i, it in enumerate(idx):
+            if it is None:
+                continue
+            if d == L.read_dim[r]:
+                idx[i] = a if isinstance(it, int) else slice(a, b, it.step)
+                break
+            d += 1
+        new_idx = tuple(idx) if isinstance(r.args[1], tuple) else idx[0]
+        for other, s in L.reads.items():
+            if s == step and other.args[0] is src and other.args[1] == new_idx:
+                return other
+        n = g.call_function(operator.getitem, (src, new_idx))
+        set_meta(n)
+        return n
+
+    @staticmethod
+    def _copy(g: fx.Graph, c: fx.Node, prev: fx.Node, new_prev: fx.Node, new: list) -> fx.Node:
+        n = g.node_copy(c, lambda x: new_prev if x is prev else x)
+        set_meta(n)
+        new.append(n)
+        return n
+
+    @staticmethod
+    def _linear(g: fx.Graph, c: fx.Node, prev: fx.Node, lin: fx.Node, new: list) -> fx.Node:
+        """The linear part of update ``c`` (in its state operand ``prev``) applied to ``lin``."""
+        name = canonical_name(c)
+        if name in ("add", "sub"):
+            if name == "sub" and c.args[1] is prev:
+                n = g.call_function(operator.neg, (lin,))
+            else:
+                return lin
+        elif name in _CASTS or name in ("mul", "div", "neg"):
+            n = g.node_copy(c, lambda x: lin if x is prev else x)
+        else:  # pragma: no cover - _state_operand_ok admits nothing else
+            raise AssertionError(name)
+        set_meta(n)
+        new.append(n)
+        return n
+
+
+def _stable_toposort(g: fx.Graph) -> None:
+    """Reorder ``g`` so every node follows its inputs, keeping the original order otherwise
+    (the entering state is computed after the loop's reads, and the loop must follow it)."""
+    nodes = list(g.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    indeg = {n: 0 for n in nodes}
+    for n in nodes:
+        for u in n.users:
+            indeg[u] += 1
+    heap = [(pos[n], n.name, n) for n in nodes if indeg[n] == 0]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        _, _, n = heapq.heappop(heap)
+        order.append(n)
+        for u in n.users:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(heap, (pos[u], u.name, u))
+    if len(order) != len(nodes):
+        raise RuntimeError("spcompile: loop rewrite produced a cycle")
+    # placeholders first, output last: a stable sort keeps them there
+    for a, b in zip(order, order[1:]):
+        if a.next is not b:
+            a.append(b)

@@ -1,0 +1,70 @@
+"""Worker-side checks for tests/test_loops_dist.py: recurrences written as Python loops
+(tests/models_loops.py) sharded on gloo ranks against the full-sequence eager run — exact with
+zero fallbacks where the loop carries an affine state, a clear refusal where it does not."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch._dynamo
+
+import spcompile
+import models_loops as ML
+from _checks_backend import compare_sharded
+
+
+def _kinds(be):
+    return sorted(m.kind for r in be.reports for m in r.matches)
+
+
+def exact(rank, P, rec, name, make, T=16, tol=1e-4, **options):
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        be = compare_sharded(rank, P, rec, name, make, T=T, tol=tol, **options)
+    msgs = [str(w.message) for w in caught if "spcompile" in str(w.message)]
+    rec.true(f"{name}: no fallback warning", not msgs, "; ".join(msgs)[:400])
+    rec.true(f"{name}: matched as a loop", "loop_scan" in _kinds(be), str(_kinds(be)))
+
+
+def refused(rank, P, rec, name, make, words, T=16):
+    torch._dynamo.reset()
+    try:
+        torch.compile(make(), backend=spcompile.backend())(torch.randn(2, T // P, 16))
+        rec.true(f"{name}: refused", False, "no error raised")
+    except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
+        rec.true(f"{name}: refused, saying why", all(w in str(e) for w in words), str(e)[:600])
+
+
+def check_token_loops(rank, P, rec):
+    from models import TokenLoop
+    exact(rank, P, rec, "s = 0.9 s + h[:, t] token loop", TokenLoop)
+    # the eager delegate: torch 2.13's aot_eager fails on this model's backward without
+    # spcompile too (softplus_backward's meta strides break a view)
+    exact(rank, P, rec, "HF Mamba slow_forward selective scan", ML.MambaSlowScan,
+          compiler="eager")
+    exact(rank, P, rec, "linear transformer recurrent form (S, z states)",
+          ML.NormalisedTokenLoop)
+    exact(rank, P, rec, "gated recurrence from a learned h0 (+ final state)",
+          ML.LearnedInitGatedLoop, T=10 * P)  # T != d: the final state is not sequence-shaped
+
+
+def check_block_loops(rank, P, rec):
+    exact(rank, P, rec, "lightning attention-2 block loop", ML.LightningBlockLoop, T=12 * P)
+    exact(rank, P, rec, "RetNet chunkwise loop", ML.RetNetChunkLoop, T=12 * P)
+
+
+def check_refusals(rank, P, rec):
+    refused(rank, P, rec, "GRU cell loop", ML.GRULoop, ["loop over", "affine"])
+    refused(rank, P, rec, "loop reading its counter", ML.CounterLoop,
+            ["loop over", "step number"])
+    refused(rank, P, rec, "blocks that do not tile the shards alike", ML.PartialBlockLoop,
+            ["loop over"])
+
+
+def check_p4(rank, P, rec):
+    exact(rank, P, rec, "HF Mamba slow_forward selective scan", ML.MambaSlowScan,
+          compiler="eager")
+    exact(rank, P, rec, "lightning attention-2 block loop", ML.LightningBlockLoop, T=12 * P)
+    exact(rank, P, rec, "gated recurrence from a learned h0 (+ final state)",
+          ML.LearnedInitGatedLoop, T=10 * P)

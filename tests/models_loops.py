@@ -1,0 +1,224 @@
+"""Recurrences written as Python loops over tokens or blocks (Dynamo unrolls them), as papers and
+model zoos write them: HF Mamba's ``slow_forward`` selective scan, lightning-attention / RetNet
+block loops, a linear transformer with a normaliser state, a learned initial state, and loops
+spcompile must refuse (nonlinear recurrences, bodies that read the loop counter)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MambaSlowScan(nn.Module):
+    """HF ``MambaMixer.slow_forward`` without the cache: causal depthwise conv, selective scan
+    as a loop over tokens on ``[B, D, T, N]`` tensors, ``torch.stack(..., dim=-1)``."""
+
+    def __init__(self, d: int = 16, d_inner: int = 16, n: int = 4, k: int = 4, dt_rank: int = 2):
+        super().__init__()
+        self.d_inner, self.n, self.dt_rank = d_inner, n, dt_rank
+        self.in_proj = nn.Linear(d, 2 * d_inner)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, k, groups=d_inner, padding=k - 1)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner)
+        A = torch.arange(1, n + 1, dtype=torch.float32)[None, :].expand(d_inner, -1)
+        self.A_log = nn.Parameter(torch.log(A).contiguous())
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d)
+
+    def forward(self, input_states):
+        batch_size, seq_len, _ = input_states.shape
+        dtype = input_states.dtype
+        projected_states = self.in_proj(input_states).transpose(1, 2)
+        hidden_states, gate = projected_states.chunk(2, dim=1)
+        hidden_states = F.silu(self.conv1d(hidden_states)[..., :seq_len])
+        ssm_parameters = self.x_proj(hidden_states.transpose(1, 2))
+        time_step, B, C = torch.split(ssm_parameters, [self.dt_rank, self.n, self.n], dim=-1)
+        discrete_time_step = self.dt_proj(time_step)
+        discrete_time_step = F.softplus(discrete_time_step).transpose(1, 2)
+        A = -torch.exp(self.A_log.float())
+        discrete_A = torch.exp(A[None, :, None, :] * discrete_time_step[:, :, :, None])
+        discrete_B = discrete_time_step[:, :, :, None] * B[:, None, :, :].float()
+        deltaB_u = discrete_B * hidden_states[:, :, :, None].float()
+        ssm_state = torch.zeros((batch_size, self.d_inner, self.n), device=input_states.device,
+                                dtype=dtype)
+        scan_outputs = []
+        for i in range(seq_len):
+            ssm_state = discrete_A[:, :, i, :] * ssm_state + deltaB_u[:, :, i, :]
+            scan_output = torch.matmul(ssm_state.to(dtype), C[:, i, :].unsqueeze(-1))
+            scan_outputs.append(scan_output[:, :, 0])
+        scan_output = torch.stack(scan_outputs, dim=-1)
+        scan_output = scan_output + (hidden_states * self.D[None, :, None])
+        scan_output = scan_output * F.silu(gate)
+        return self.out_proj(scan_output.transpose(1, 2))
+
+
+class LightningBlockLoop(nn.Module):
+    """Lightning attention-2 reference: a loop over blocks, intra-block masked decay, the
+    inter-block state ``kv`` decayed by ``λ^C`` per block; heads on dim 1."""
+
+    def __init__(self, d: int = 16, heads: int = 2, block: int = 4):
+        super().__init__()
+        self.h, self.dh, self.block = heads, d // heads, block
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+        self.register_buffer("slope", torch.tensor([0.5, 0.125]).reshape(heads, 1, 1))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.h, self.dh).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        C = self.block
+        array = torch.arange(C, device=x.device, dtype=x.dtype) + 1
+        q_decay = torch.exp(-self.slope * array.reshape(-1, 1))
+        k_decay = torch.exp(-self.slope * (C - array.reshape(-1, 1)))
+        index = array[:, None] - array[None, :]
+        s_index = self.slope * index[None, None]
+        s_index = torch.masked_fill(s_index, index < 0, float("inf"))
+        diag_decay = torch.exp(-s_index)
+        block_decay = torch.exp(-self.slope * C)
+        kv = torch.zeros(b, self.h, self.dh, self.dh, dtype=x.dtype, device=x.device)
+        output = []
+        for i in range(n // C):
+            s, e = i * C, (i + 1) * C
+            qi, ki, vi = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]
+            qkv = (qi @ ki.transpose(-1, -2) * diag_decay) @ vi
+            qkv_none_diag = (qi * q_decay) @ kv
+            output.append(qkv + qkv_none_diag)
+            kv = block_decay * kv + (ki * k_decay).transpose(-1, -2) @ vi
+        out = torch.cat(output, dim=2)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class NormalisedTokenLoop(nn.Module):
+    """Katharopoulos' recurrent form: two states (``S`` and the normaliser ``z``), elu+1
+    features, ``y_t = φ(q_t) S_t / (φ(q_t)·z_t)``; outputs gathered by ``torch.cat`` of
+    ``unsqueeze(1)`` pieces."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        S = x.new_zeros(x.shape[0], x.shape[-1], x.shape[-1])
+        z = x.new_zeros(x.shape[0], x.shape[-1])
+        ys = []
+        for t in range(x.shape[1]):
+            S = S + k[:, t, :, None] * v[:, t, None, :]
+            z = z + k[:, t]
+            num = torch.einsum("bd,bde->be", q[:, t], S)
+            den = (q[:, t] * z).sum(-1, keepdim=True) + 1e-6
+            ys.append((num / den).unsqueeze(1))
+        return torch.cat(ys, dim=1)
+
+
+class LearnedInitGatedLoop(nn.Module):
+    """A gated diagonal recurrence ``h_t = a_t ⊙ h_{t-1} + (1 - a_t) ⊙ x_t`` (minimal RG-LRU /
+    QRNN-style) starting from a learned ``h0``; also returns the final state."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.gate = nn.Linear(d, d)
+        self.inp = nn.Linear(d, d)
+        self.h0 = nn.Parameter(torch.randn(d) * 0.5)
+
+    def forward(self, x):
+        a = torch.sigmoid(self.gate(x))
+        u = self.inp(x)
+        h = self.h0.expand(x.shape[0], -1)
+        hs = []
+        for t in range(x.shape[1]):
+            h = a[:, t] * h + (1 - a[:, t]) * u[:, t]
+            hs.append(h)
+        return torch.stack(hs, dim=1), h
+
+
+class RetNetChunkLoop(nn.Module):
+    """RetNet's chunkwise form as a loop over chunks with per-head decay γ, with the state
+    carried across chunks (the torchscale recurrent-chunk spelling, simplified)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, chunk: int = 4):
+        super().__init__()
+        self.h, self.dh, self.chunk = heads, d // heads, chunk
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        gamma = 1 - 2.0 ** (-5 - torch.arange(heads, dtype=torch.float32))
+        self.register_buffer("gamma", gamma)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, self.h, self.dh).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, -1))
+        C = self.chunk
+        idx = torch.arange(C, dtype=x.dtype)
+        lg = torch.log(self.gamma)[:, None]
+        inner = torch.exp(lg[..., None] * (idx[:, None] - idx[None, :])) * \
+            torch.ones(C, C).tril()
+        q_dec = torch.exp(lg * (idx + 1))[..., None]
+        k_dec = torch.exp(lg * (C - 1 - idx))[..., None]
+        chunk_dec = torch.exp(lg * C)[..., None]
+        state = torch.zeros(B, self.h, self.dh, self.dh)
+        outs = []
+        for c in range(T // C):
+            qc, kc, vc = (t[:, :, c * C:(c + 1) * C] for t in (q, k, v))
+            o = (qc @ kc.transpose(-1, -2) * inner) @ vc + (qc * q_dec) @ state
+            state = chunk_dec * state + (kc * k_dec).transpose(-1, -2) @ vc
+            outs.append(o)
+        return torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, -1)
+
+
+# ---------------------------------------------------------------- loops spcompile must refuse
+class GRULoop(nn.Module):
+    """A nonlinear recurrence (GRU cell in a loop): not affine in the state → refused."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.cell = nn.GRUCell(d, d)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], x.shape[-1])
+        hs = []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            hs.append(h)
+        return torch.stack(hs, 1)
+
+
+class CounterLoop(nn.Module):
+    """The body reads the loop counter as a number (``γ^t`` input weights): a rank's unrolled
+    loop would restart the counter at 0 → refused."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros_like(h[:, 0])
+        outs = []
+        for t in range(x.shape[1]):
+            s = 0.9 * s + h[:, t] * (0.99 ** t)
+            outs.append(s)
+        return torch.stack(outs, dim=1)
+
+
+class PartialBlockLoop(nn.Module):
+    """A block loop whose blocks do not tile every rank's shard the same way → refused."""
+
+    def __init__(self, d: int = 16, block: int = 3):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.block = block
+
+    def forward(self, x):
+        h = self.lin(x)
+        T, C = x.shape[1], self.block
+        s = torch.zeros(x.shape[0], x.shape[2])
+        outs = []
+        for i in range(math.ceil(T / C)):
+            blk = h[:, i * C:(i + 1) * C]
+            outs.append(blk.cumsum(1) + s[:, None])
+            s = s * 0.5 + blk.sum(1)
+        return torch.cat(outs, dim=1)
