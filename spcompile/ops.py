@@ -101,26 +101,189 @@ replicated_output.register_autograd(
     setup_context=lambda ctx, inputs, output: setattr(ctx, "world_size", inputs[1]))
 
 
-# ------------------------------------------------------------------ prefix sums across ranks
-def exclusive_prefix_sum(total: Tensor, group_name: str) -> Tensor:
-    """Σ_{j<r} total_j (zeros on rank 0); exact backward through the adjoint all-gather."""
-    if not group_name:
-        return torch.zeros_like(total)
-    P, r = _size(group_name), _rank(group_name)
+# ------------------------------------------------------------------ scans along the sequence
+# torch op → how two partial results combine (the op's associative operator)
+SCANS = {"cumsum": "sum", "cumprod": "prod", "logcumsumexp": "logaddexp", "cummax": "max",
+         "cummin": "min"}
+
+
+def _exclusive_over_ranks(total: Tensor, scan, identity: Tensor, group_name: str):
+    """``scan`` (a torch cumulative op over dim 0) of the earlier ranks' ``total``s: the rank
+    totals are all-gathered ``[P, ...]``, shifted down one rank behind ``identity`` and scanned;
+    row ``r`` is this rank's carry. Every rank uses the gathered value (rank 0 too), so the
+    adjoint reduce-scatter runs on all of them in backward."""
+    r = _rank(group_name)
     allt = gather_seq(total.unsqueeze(0).contiguous(), 0, group_name)  # [P, ...]
-    mask = (torch.arange(P, device=total.device) < r).to(total.dtype)
-    return (allt * mask.view(P, *([1] * total.dim()))).sum(0)
+    shifted = torch.cat([identity.unsqueeze(0), allt[:-1]], 0)
+    return scan(shifted)[r]
 
 
-def sequence_cumsum(x: Tensor, dim: int, group_name: str) -> Tensor:
-    """cumsum along a sharded axis: local cumsum + the totals of the earlier ranks."""
+def _body(x: Tensor, dim: int, head: int) -> Tensor:
+    return x.narrow(dim, head, x.shape[dim] - head)
+
+
+def _with_head(local: Tensor, body: Tensor, dim: int, head: int) -> Tensor:
+    return torch.cat([local.narrow(dim, 0, head), body], dim) if head else body
+
+
+def sequence_scan(x: Tensor, dim: int, op: str, group_name: str,
+                  dtype: Optional[torch.dtype] = None, head: int = 0):
+    """``torch.<op>(x, dim[, dtype])`` along a sharded axis (op: cumsum, cumprod, logcumsumexp,
+    cummax, cummin): the local scan combined with the exclusive scan of the earlier ranks'
+    totals (sum / product / logaddexp / max / min). cummax/cummin return (values, indices) with
+    global indices, and torch's rules: ties go to the later element, a NaN wins and stays.
+
+    ``head``: the first ``head`` rows of ``x`` along ``dim`` are not sequence data but rows
+    every rank holds alike, in front of the sequence (an initial state ``cat([h0, x])``, a
+    ``F.pad(x, (0, 0, 1, 0))``): they enter this rank's scan locally and are left out of the
+    rank totals. Their gradient is then this rank's share, summed over ranks like a parameter's.
+
+    Gradients: cumsum/cumprod/cummax/cummin are compositions of differentiable torch ops and the
+    adjoint all-gather, so autograd gives torch's own backward of each piece (exact with zeros
+    in cumprod, the gradient at the element the indices name for cummax/cummin);
+    logcumsumexp is ``spcompile::sequence_logcumsumexp``, whose backward is torch's formula
+    evaluated over the whole sequence (the same NaN/0 at -inf entries)."""
+    if op not in SCANS:
+        raise ValueError(f"sequence_scan: unknown op {op!r} (one of {sorted(SCANS)})")
+    if dtype is not None:
+        x = x.to(dtype)
+    dim = dim % x.dim()
     if not group_name:
-        return torch.cumsum(x, dim)
+        return getattr(torch, op)(x, dim)
+    if op == "logcumsumexp":
+        return torch.ops.spcompile.sequence_logcumsumexp(x, dim, group_name, head)
     bar = torch.ops.spcompile.layout_barrier
     x = bar(x)
-    local = torch.cumsum(x, dim)
-    carry = exclusive_prefix_sum(x.sum(dim), group_name)
-    return bar(local + carry.unsqueeze(dim))
+    if op in ("cummax", "cummin"):
+        if head:
+            raise ValueError("sequence_scan: cummax/cummin with leading rows are not supported")
+        v, i = _sequence_cummaxmin(x, dim, op, group_name)
+        return bar(v), i
+    local = getattr(torch, op)(x, dim)
+    body = _body(local, dim, head)
+    if op == "cumsum":
+        total = _body(x, dim, head).sum(dim)
+        carry = _exclusive_over_ranks(total, lambda t: t.cumsum(0), torch.zeros_like(total),
+                                      group_name)
+        out = body + carry.unsqueeze(dim)
+    else:  # cumprod
+        total = _body(x, dim, head).prod(dim)
+        carry = _exclusive_over_ranks(total, lambda t: t.cumprod(0), torch.ones_like(total),
+                                      group_name)
+        out = body * carry.unsqueeze(dim)
+    return bar(_with_head(local, out, dim, head))
+
+
+def _lowest(x: Tensor, op: str) -> Tensor:
+    """The identity of max (min): -inf (+inf), or the dtype's extreme for integers / bools."""
+    hi = op == "cummin"
+    if x.dtype.is_floating_point:
+        v = float("inf") if hi else float("-inf")
+    elif x.dtype == torch.bool:
+        v = hi
+    else:
+        v = torch.iinfo(x.dtype).max if hi else torch.iinfo(x.dtype).min
+    return torch.full(x.shape[:0], v, dtype=x.dtype, device=x.device)
+
+
+def _sequence_cummaxmin(x: Tensor, dim: int, op: str, group_name: str):
+    T, r = x.shape[dim], _rank(group_name)
+    vals, idx = getattr(torch, op)(x, dim)
+    idx = idx + r * T  # global positions
+    last_v = vals.select(dim, T - 1)
+    last_i = idx.select(dim, T - 1)
+    # the earlier ranks' running extreme, by the same op over the rank totals (ties: later rank)
+    ident = _lowest(last_v, op).expand(last_v.shape)
+    allv = torch.cat([ident.unsqueeze(0),
+                      gather_seq(last_v.unsqueeze(0).contiguous(), 0, group_name)[:-1]], 0)
+    alli = torch.cat([torch.zeros_like(last_i).unsqueeze(0),
+                      gather_seq(last_i.unsqueeze(0).contiguous(), 0, group_name)[:-1]], 0)
+    cv, cj = getattr(torch, op)(allv, 0)
+    carry_v = cv[r].unsqueeze(dim)
+    carry_i = alli.gather(0, cj[r:r + 1]).squeeze(0).unsqueeze(dim)
+    # torch's sequential rule from the carried state: a local element replaces it when it is
+    # >= (<=) the carry or NaN; a NaN carry stays unless a later NaN comes
+    better = vals >= carry_v if op == "cummax" else vals <= carry_v
+    take = better | vals.isnan() if vals.is_floating_point() else better
+    return torch.where(take, vals, carry_v), torch.where(take, idx, carry_i)
+
+
+# logcumsumexp: a custom op with torch's backward formula, evaluated across the ranks ---------
+def _all_totals(total: Tensor, group_name: str) -> Tensor:
+    """[P, ...] rank totals (eager, inside a custom op)."""
+    from .collectives.reduce import _gather_sequence
+    return _gather_sequence(total.unsqueeze(0).contiguous(), 0, group_name, "prefix")
+
+
+def _lcse_sharded(x: Tensor, dim: int, group_name: str, head: int, reverse: bool) -> Tensor:
+    """logcumsumexp of the global sequence (``reverse``: from the end), on this rank's rows;
+    head rows scan locally and count in no rank's total."""
+    r = _rank(group_name)
+    if reverse:
+        local = x.flip(dim).logcumsumexp(dim).flip(dim)
+        total = torch.logsumexp(_body(x, dim, head), dim)
+    else:
+        local = x.logcumsumexp(dim)
+        total = local.select(dim, -1) if not head else torch.logsumexp(_body(x, dim, head), dim)
+    allt = _all_totals(total, group_name)
+    ninf = torch.full_like(allt[:1], float("-inf"))
+    if reverse:  # the later ranks
+        carry = torch.cat([allt[1:], ninf], 0).flip(0).logcumsumexp(0).flip(0)[r]
+    else:
+        carry = torch.cat([ninf, allt[:-1]], 0).logcumsumexp(0)[r]
+    body = torch.logaddexp(_body(local, dim, head), carry.unsqueeze(dim))
+    return _with_head(local, body, dim, head)
+
+
+@torch.library.custom_op("spcompile::sequence_logcumsumexp", mutates_args=())
+def sequence_logcumsumexp(x: Tensor, dim: int, group_name: str, head: int) -> Tensor:
+    """logcumsumexp along a sharded ``dim`` (see :func:`sequence_scan`)."""
+    if not group_name:
+        return x.logcumsumexp(dim).contiguous()
+    return _lcse_sharded(x, dim, group_name, head, reverse=False).contiguous()
+
+
+@sequence_logcumsumexp.register_fake
+def _(x, dim, group_name, head):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("spcompile::sequence_logcumsumexp_backward", mutates_args=())
+def sequence_logcumsumexp_backward(grad: Tensor, x: Tensor, y: Tensor, dim: int,
+                                   group_name: str, head: int) -> Tensor:
+    """torch's logcumsumexp backward, ``dx_j = exp(x_j + log Σ_{t≥j} g⁺_t e^{-y_t}) -
+    exp(x_j + log Σ_{t≥j} g⁻_t e^{-y_t})``, with the reverse sums running over the whole
+    sequence (a reverse sharded logcumsumexp; head rows sum this rank's rows only)."""
+    lowest = torch.finfo(grad.dtype).min
+    log_abs = grad.abs().log()
+    pos = torch.where(grad > 0, log_abs, lowest) - y
+    neg = torch.where(grad < 0, log_abs, lowest) - y
+    both = torch.stack([pos, neg])  # one exchange for both signs
+    if group_name:
+        rev = _lcse_sharded(both, dim + 1, group_name, head, reverse=True)
+    else:
+        rev = both.flip(dim + 1).logcumsumexp(dim + 1).flip(dim + 1)
+    return ((rev[0] + x).exp() - (rev[1] + x).exp()).contiguous()
+
+
+@sequence_logcumsumexp_backward.register_fake
+def _(grad, x, y, dim, group_name, head):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _lcse_setup(ctx, inputs, output):
+    x, dim, group_name, head = inputs
+    ctx.dim, ctx.group_name, ctx.head = dim, group_name, head
+    ctx.save_for_backward(x, output)
+
+
+def _lcse_bwd(ctx, grad):
+    x, y = ctx.saved_tensors
+    return (sequence_logcumsumexp_backward(grad.contiguous(), x, y, ctx.dim, ctx.group_name,
+                                           ctx.head), None, None, None)
+
+
+sequence_logcumsumexp.register_autograd(_lcse_bwd, setup_context=_lcse_setup)
 
 
 def sequence_offset(group_name: str, local_len: int) -> int:

@@ -209,6 +209,8 @@ class Analyzer:
         """Placement of a mixing op's value when computed on the global sequence."""
         out = shape(node)
         if out is None:
+            if isinstance(p.dim, int) and isinstance(val(node), (tuple, list)):
+                return Shard(p.dim)  # cummax/cummin: (values, indices), both on the sequence
             return Replicate() if p.dim is None else None
         if p.dim == "replicate":
             return R

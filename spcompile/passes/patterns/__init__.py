@@ -3,8 +3,8 @@ from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import MaskedLinearAttention
 from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
-from .sequence_ops import (CausalConv1d, CrossEntropy, Positions, SDPAttention, SequenceCumsum,
-                           SequenceIndex, SequenceReduction, ShiftedLoss, TokenShift)
+from .sequence_ops import (CausalConv1d, CrossEntropy, LeadingRowScan, Positions, SDPAttention,
+                           SequenceIndex, SequenceReduction, SequenceScan, ShiftedLoss, TokenShift)
 
 
 def all_patterns():
@@ -13,7 +13,8 @@ def all_patterns():
 
 
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
-            SequenceReduction, ShiftedLoss, CrossEntropy, SequenceIndex, CumsumLinearAttention, SequenceCumsum]
+            SequenceReduction, ShiftedLoss, CrossEntropy, SequenceIndex, CumsumLinearAttention, LeadingRowScan,
+            SequenceScan]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the masked forms)
 REGISTRY.insert(1, ChunkStateRecurrence)

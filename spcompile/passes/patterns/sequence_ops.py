@@ -8,7 +8,8 @@
 | positions     | ``torch.arange(T)``, ``table[:T]`` (RoPE caches, pe)     | offset by rank·T_local  |
 | reduction     | ``sum``/``mean``/``amax``/``amin`` over the sequence     | local + all-reduce      |
 | cross_entropy | ``F.cross_entropy(logits, target)`` (mean)               | sums + all-reduce       |
-| cumsum        | ``torch.cumsum(x, dim=seq)``                             | local + prefix of totals|
+| prefix scans  | ``cumsum``/``cumprod``/``logcumsumexp``/``cummax``/``cummin`` along the sequence | local + exclusive scan of rank totals |
+| leading rows  | ``scan(cat([h0, x]))[:, 1:]``, ``F.pad(a, (0, 0, 1, 0))`` (minGRU paper form) | scans get the earlier ranks' totals after the rows |
 
 Each ``find`` looks at ops the sequence_axis pass recorded as mixing (or, for positions, at the
 creation ops that read the local length) and checks its preconditions; a near miss says which.
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from ... import ops as spops
 from ..graph_utils import arg, canonical_name, evaluate, set_meta, shape, val
-from ..pipeline import Ctx
+from ..pipeline import Ctx, source_line
 from ..sequence_axis import Pair, Replicate, Shard, positions_form
 from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import user_inputs_reached
@@ -686,24 +687,185 @@ def _index_position(idx, dim: int, nd: int):
     return None
 
 
-# ------------------------------------------------------------------ cumsum
-class SequenceCumsum(Pattern):
-    name = "cumsum"
+# ------------------------------------------------------------------ associative scans
+def _scan_dtype(node: fx.Node):
+    return node.kwargs.get("dtype") if canonical_name(node) in ("cumsum", "cumprod") else None
+
+
+class SequenceScan(Pattern):
+    """``cumsum``, ``cumprod``, ``logcumsumexp``, ``cummax``, ``cummin`` along the sequence
+    (function or method, any dim spelling, ``dtype=``): the local scan combined with the
+    exclusive scan of the earlier ranks' totals (``spcompile.ops.sequence_scan``); cummax/cummin
+    indices become global positions. Matches are named after the op."""
+    name = "prefix_scan"
     kind = "cumsum"
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
-        for node, _ in _mixing(ctx, "cumsum"):
-            if ctx.matches and any(node in m.nodes for m in ctx.matches):
+        covered = set()
+        for m in ctx.matches:
+            covered |= set(m.nodes)
+        for node, _ in _mixing(ctx, *spops.SCANS):
+            if node in covered:
                 continue
-            yield Match(self.kind, self.name, node,
-                        info={"dim": ctx.placements[node].dim if isinstance(
-                            ctx.placements.get(node), Shard) else arg(node, 1, "dim")})
+            op, x = canonical_name(node), node.args[0]
+            px, sx = ctx.placements.get(x), shape(x)
+            if not isinstance(px, Shard) or px.merged or sx is None:
+                yield FailedMatch(op, node, "the scanned value is not a plain shard of the "
+                                            "sequence")
+                continue
+            if sx[px.dim] != ctx.seq_len:
+                yield FailedMatch(op, node, f"the scanned value has {sx[px.dim]} rows along the "
+                                            f"sequence, not the shard's {ctx.seq_len} (rows put "
+                                            f"in front or cut off)")
+                continue
+            yield Match(self.kind, op, node, info={"op": op, "dim": px.dim,
+                                                  "dtype": _scan_dtype(node)})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
         if ctx.world_size == 1 or not m.anchor.users:
             return
-        g = gm.graph
-        node = m.anchor
-        with g.inserting_before(node), ctx.provenance(gm, m, node):
-            out = _call(g, spops.sequence_cumsum, (node.args[0], m.info["dim"], ctx.group_name))
-        _finish(ctx, node, out, Shard(m.info["dim"]))
+        _replace_scan(gm, ctx, m, m.anchor, m.info["dim"], 0)
+
+
+def _replace_scan(gm, ctx: Ctx, m: Match, node: fx.Node, dim: int, head: int) -> None:
+    kw = {"dtype": _scan_dtype(node)} if _scan_dtype(node) is not None else {}
+    if head:
+        kw["head"] = head
+    with gm.graph.inserting_before(node), ctx.provenance(gm, m, node):
+        out = _call(gm.graph, spops.sequence_scan, (node.args[0], dim, canonical_name(node),
+                                                    ctx.group_name), kw)
+    _finish(ctx, node, out, Shard(dim))
+
+
+class LeadingRowScan(Pattern):
+    """``scan(cat([h0, x]))[:, 1:]``, the minGRU/minLSTM paper's form: initial-state rows put in
+    front of the sequence (``torch.cat([h_0, x], dim=1)`` with a replicated ``h_0``,
+    ``F.pad(a, (0, 0, 1, 0))``), elementwise math and scans on the longer value, the rows cut
+    off again by ``[:, 1:]``. Run locally, every rank computes ``[h0 ; its tokens]``: the front
+    rows are the same on every rank and only the scans are wrong, so they become
+    ``sequence_scan(..., head=k)`` (the earlier ranks' totals of the sequence rows enter after
+    the front rows). Anything else that reads the longer value (``[:, -1]``, a reduction, a
+    return) is a near miss: the fallback gathers it."""
+    name = "leading_row_scan"
+    kind = "cumsum"
+    SCANS = ("cumsum", "cumprod", "logcumsumexp")
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        T, pl, done = ctx.seq_len, ctx.placements, set()
+        for sl, reason in _mixing(ctx, "getitem"):
+            x = sl.args[0]
+            px, sx = pl.get(x), shape(x)
+            if sl in done or reason != "slice of the sequence axis" or T is None or \
+                    not isinstance(px, Shard) or px.merged or sx is None or sx[px.dim] <= T:
+                continue
+            k, d = sx[px.dim] - T, px.dim
+            if not self._drops_rows(sl, d, k, len(sx)):
+                continue
+            region, slices, why = self._region(x, d, k, ctx)
+            if why:
+                yield FailedMatch(self.name, sl, why)
+                continue
+            done |= slices
+            scans = [n for n in region if canonical_name(n) in self.SCANS]
+            yield Match(self.kind, self.name, sl, nodes=region | slices,
+                        info={"rows": k, "dim": d, "scans": sorted(canonical_name(n)
+                                                                   for n in scans),
+                              "_scans": scans, "_keep": region | slices})
+
+    @staticmethod
+    def _drops_rows(node: fx.Node, d: int, k: int, nd: int) -> bool:
+        cut = _seq_slice(node, d, nd)
+        return cut is not None and cut[0] == k and cut[1] in (None, shape(node.args[0])[d])
+
+    def _region(self, start: fx.Node, d: int, k: int, ctx: Ctx):
+        """The connected values of length T + k along ``d`` around ``start``: created by a
+        front pad/cat, transformed by elementwise ops and scans, left only through ``[k:]``."""
+        from ..sequence_axis import ELEMENTWISE, _is_pointwise
+        T, pl = ctx.seq_len, ctx.placements
+        nd = len(shape(start))
+
+        def longer(a) -> bool:
+            sa = shape(a)
+            return isinstance(pl.get(a), Shard) and pl.get(a).dim == d and sa is not None and \
+                len(sa) == nd and sa[d] == T + k
+
+        def plain(a) -> bool:
+            sa = shape(a)
+            return isinstance(pl.get(a), Shard) and pl.get(a) == Shard(d) and sa is not None \
+                and len(sa) == nd and sa[d] == T
+
+        region, slices, todo = set(), set(), [start]
+        while todo:
+            n = todo.pop()
+            if n in region:
+                continue
+            region.add(n)
+            name = canonical_name(n)
+            if name == "pad":
+                pads = list(arg(n, 1, "pad"))
+                pos = 2 * (nd - 1 - d)
+                want = [0] * len(pads)
+                if pos + 1 < len(pads):
+                    want[pos] = k
+                if pads != want or arg(n, 2, "mode", "constant") != "constant" or \
+                        not plain(n.args[0]):
+                    return region, slices, f"pad {pads} is not {k} row(s) in front of the sequence"
+            elif name in ("cat", "concat", "concatenate"):
+                parts = list(n.args[0])
+                front = parts[:-1]
+                if _norm_dim(arg(n, 1, "dim", 0), nd) != d or not plain(parts[-1]) or \
+                        not all(isinstance(pl.get(p), Replicate) for p in front) or \
+                        sum(shape(p)[d] for p in front) != k:
+                    return region, slices, "cat along the sequence is not replicated rows in " \
+                                           "front of the sequence"
+            elif name in self.SCANS:
+                if _norm_dim(arg(n, 1, "dim"), nd) != d or not longer(n.args[0]):
+                    return region, slices, f"{name} not along the sequence"
+                todo.append(n.args[0])
+            elif name in ELEMENTWISE or _is_pointwise(name):
+                for a in n.all_input_nodes:
+                    if longer(a):
+                        todo.append(a)
+                    elif not _no_extent(a, d, nd, pl):
+                        return region, slices, f"{name} combines the value with its leading " \
+                                               f"row(s) with something else along the sequence"
+            else:
+                return region, slices, f"{name} on the value with its leading row(s)"
+            for u in n.users:
+                if canonical_name(u) == "getitem" and self._drops_rows(u, d, k, nd):
+                    slices.add(u)
+                elif longer(u) and (canonical_name(u) in self.SCANS or
+                                    canonical_name(u) in ELEMENTWISE or
+                                    _is_pointwise(canonical_name(u) or "")):
+                    todo.append(u)
+                else:
+                    return region, slices, f"{canonical_name(u) or u.op} at " \
+                                           f"{source_line(u) or u.name} reads the value with " \
+                                           f"its leading row(s)"
+        return region, slices, None
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        d, k = m.info["dim"], m.info["rows"]
+        for n in m.info["_keep"]:  # the local computation is right as written: [h0 ; tokens]
+            n.meta["spcompile_placement"] = Shard(d)
+        for n in m.info["_scans"]:
+            _replace_scan(gm, ctx, m, n, d, k)
+
+
+def _norm_dim(d, nd: int):
+    return d % nd if isinstance(d, int) else d
+
+
+def _no_extent(a, d: int, nd: int, pl) -> bool:
+    """A replicated operand that broadcasts along ``d`` (size 1 there, or fewer dims)."""
+    if not isinstance(a, fx.Node):
+        return True
+    sa = shape(a)
+    if not isinstance(pl.get(a), Replicate):
+        return False
+    if sa is None:
+        return True
+    pos = d - (nd - len(sa))
+    return pos < 0 or sa[pos] == 1
