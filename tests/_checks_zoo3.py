@@ -251,6 +251,4 @@ def check_models(rank, P, rec):
 def check_models_p4(rank, P, rec):
     exact(rank, P, rec, "minLSTM, paper form, learned h_0", lambda: Z.MinLSTM(form="paper"),
           _x(), PAPER, **F64)
-    exact(rank, P, rec, "cumprod decay (method)", lambda: Z.CumprodDecay(spelling="method"), _x(),
-          ("cumprod", "cumsum"))
     exact(rank, P, rec, "cummax/cummin with ties", Z.TiedRunningMax, _ints(), ("cummax", "cummin"))
