@@ -41,8 +41,10 @@ def check_token_loops(rank, P, rec):
     exact(rank, P, rec, "s = 0.9 s + h[:, t] token loop", TokenLoop)
     # the eager delegate: torch 2.13's aot_eager fails on this model's backward without
     # spcompile too (softplus_backward's meta strides break a view)
-    exact(rank, P, rec, "HF Mamba slow_forward selective scan", ML.MambaSlowScan,
-          compiler="eager")
+    exact(rank, P, rec, "two stacked HF Mamba slow_forward layers (conv halo + loop each)",
+          ML.TwoMambaSlow, T=12 * P, compiler="eager")
+    exact(rank, P, rec, "two stacked `for h_t in h.unbind(1)` loops", ML.TwoUnbindLoops,
+          T=12 * P)
     exact(rank, P, rec, "linear transformer recurrent form (S, z states)",
           ML.NormalisedTokenLoop)
     exact(rank, P, rec, "gated recurrence from a learned h0 (+ final state)",
@@ -50,12 +52,14 @@ def check_token_loops(rank, P, rec):
 
 
 def check_block_loops(rank, P, rec):
+    exact(rank, P, rec, "for blk in h.split(C, 1) block loop", ML.SplitBlockLoop, T=12 * P)
     exact(rank, P, rec, "lightning attention-2 block loop", ML.LightningBlockLoop, T=12 * P)
     exact(rank, P, rec, "RetNet chunkwise loop", ML.RetNetChunkLoop, T=12 * P)
 
 
 def check_refusals(rank, P, rec):
     refused(rank, P, rec, "GRU cell loop", ML.GRULoop, ["loop over", "affine"])
+    refused(rank, P, rec, "GRU cell over x.unbind(1)", ML.GRUUnbindLoop, ["loop over", "unbind"])
     refused(rank, P, rec, "loop reading its counter", ML.CounterLoop,
             ["loop over", "step number"])
     refused(rank, P, rec, "blocks that do not tile the shards alike", ML.PartialBlockLoop,

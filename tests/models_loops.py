@@ -117,7 +117,8 @@ class NormalisedTokenLoop(nn.Module):
 
 class LearnedInitGatedLoop(nn.Module):
     """A gated diagonal recurrence ``h_t = a_t ⊙ h_{t-1} + (1 - a_t) ⊙ x_t`` (minimal RG-LRU /
-    QRNN-style) starting from a learned ``h0``; also returns the final state."""
+    QRNN-style) starting from a learned ``h0`` (also used after the loop); returns the final
+    state too."""
 
     def __init__(self, d: int = 16):
         super().__init__()
@@ -133,7 +134,7 @@ class LearnedInitGatedLoop(nn.Module):
         for t in range(x.shape[1]):
             h = a[:, t] * h + (1 - a[:, t]) * u[:, t]
             hs.append(h)
-        return torch.stack(hs, dim=1), h
+        return torch.stack(hs, dim=1) + self.h0, h  # h0 also used outside the loop
 
 
 class RetNetChunkLoop(nn.Module):
@@ -222,3 +223,69 @@ class PartialBlockLoop(nn.Module):
             outs.append(blk.cumsum(1) + s[:, None])
             s = s * 0.5 + blk.sum(1)
         return torch.cat(outs, dim=1)
+
+
+class UnbindLoop(nn.Module):
+    """The token loop spelled ``for h_t in h.unbind(1)``."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros(x.shape[0], x.shape[2])
+        outs = []
+        for h_t in h.unbind(1):
+            s = 0.9 * s + h_t
+            outs.append(s)
+        return torch.stack(outs, dim=1)
+
+
+class SplitBlockLoop(nn.Module):
+    """A block loop spelled ``for blk in h.split(C, dim=1)`` with a decayed running sum."""
+
+    def __init__(self, d: int = 16, block: int = 4):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.block = block
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros(x.shape[0], x.shape[2])
+        outs = []
+        for blk in h.split(self.block, dim=1):
+            outs.append(blk.cumsum(1) + s[:, None])
+            s = s * 0.5 + blk.sum(1)
+        return torch.cat(outs, dim=1)
+
+
+class TwoUnbindLoops(nn.Sequential):
+    """Two stacked token loops (``unbind`` spelling): one unrolled loop group, two states."""
+
+    def __init__(self, d: int = 16):
+        super().__init__(UnbindLoop(d), UnbindLoop(d))
+
+
+class GRUUnbindLoop(nn.Module):
+    """A GRU cell over ``x.unbind(1)``: nonlinear → refused."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.cell = nn.GRUCell(d, d)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], x.shape[-1])
+        hs = []
+        for x_t in x.unbind(1):
+            h = self.cell(x_t, h)
+            hs.append(h)
+        return torch.stack(hs, 1)
+
+
+class TwoMambaSlow(nn.Sequential):
+    """Two stacked HF-Mamba slow-path mixers (the second layer's conv halo and loop are found
+    after the first loop's rewrite)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__(MambaSlowScan(d), MambaSlowScan(d))

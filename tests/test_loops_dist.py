@@ -1,7 +1,7 @@
 """Recurrences written as Python loops over tokens or blocks (tests/models_loops.py), sharded on
 2 and 4 gloo ranks against the full-sequence eager run: exact with zero fallbacks where the loop
-carries an affine state (HF Mamba slow path, linear transformer recurrent form, learned h0,
-lightning / RetNet block loops), a clear refusal where it does not (GRU cell, a body reading the
+carries an affine state (HF Mamba slow path — two stacked layers —, linear transformer recurrent
+form, learned h0, lightning / RetNet block loops, unbind/split spellings), a clear refusal where it does not (GRU cell, a body reading the
 loop counter, blocks that do not tile the shards alike)."""
 import pytest
 

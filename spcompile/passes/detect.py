@@ -37,6 +37,36 @@ def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     return gm
 
 
+def redetect(gm: fx.GraphModule, ctx: Ctx) -> None:
+    """Detection again, after a loop's rewrite made its output sharded (the analysis saw one
+    value per step, not a sequence): the next layer's loop, conv, attention, ... are found now.
+    New matches are planned and appended, so the rewrite pass (iterating ``ctx.matches``) takes
+    them too; anchors already matched are not matched twice."""
+    from .plan import choose
+    from .sequence_axis import analyze
+    analyze(gm, ctx)
+    claimed = {m.anchor for m in ctx.matches}
+    seen = {(f.pattern, f.node) for f in ctx.near_misses}
+    new = []
+    for pattern in all_patterns():
+        for found in pattern.find(gm, ctx):
+            if isinstance(found, Match):
+                if found.anchor in claimed or match_excluded(found) is not None:
+                    continue
+                claimed.add(found.anchor)
+                found.info.setdefault("_pattern", pattern)
+                new.append(found)
+            elif isinstance(found, FailedMatch) and (found.pattern, found.node) not in seen:
+                ctx.near_misses.append(found)
+    loops = [m for m in new if m.kind == "loop_scan"]
+    inside = set().union(*(set(m.nodes) for m in loops)) if loops else set()
+    for m in new:
+        if m.kind != "loop_scan" and (m.anchor in inside or set(m.nodes) & inside):
+            continue
+        choose(m, ctx)
+        ctx.matches.append(m)
+
+
 def _drop_matches_inside_loops(ctx: Ctx) -> None:
     """A Python loop over tokens/blocks is rewritten as a whole (``loop_recurrence``): what
     other families found inside its body (a block's masked form, a block's positions) are

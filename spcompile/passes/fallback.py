@@ -462,6 +462,21 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
     """Several indexings of one value along the sequence are a Python loop over tokens or
     chunks that Dynamo unrolled with the *local* count: gathering around each index would
     compute the first shard's chunks on every rank. Refuse it, loudly."""
+    why = [f.reason for f in ctx.near_misses if f.pattern == "loop_recurrence"]
+    why = (f" Not rewritten as a loop with a carried state: {why[0]}." if why else "")
+    for node, reason in ctx.mixing.items():
+        # ``for h_t in h.unbind(1)`` / ``h.split(C, 1)``: gathered, the pieces would be the
+        # global sequence's, and the unrolled loop reads only as many as this rank has
+        if canonical_name(node) in ("unbind", "split") and reason.endswith(
+                "along the sequence axis") and any(canonical_name(u) == "getitem"
+                                                   for u in node.users):
+            raise SequenceParallelError(
+                f"spcompile: {canonical_name(node)} along the sharded sequence axis at "
+                f"{source_line(node) or node.name}, its pieces used one by one: a Python loop "
+                f"over tokens or chunks, unrolled with this rank's local count. spcompile cannot "
+                f"make it sequence parallel by gathering.{why} Write the layer in a supported "
+                f"form (masked quadratic, segsum, cumsum), or declare it with "
+                f"@spcompile.linear_attention / @spcompile.ssm_scan.")
     by_source: dict = {}
     for node, reason in ctx.mixing.items():
         if canonical_name(node) == "getitem" and reason in _INDEXING and node.users:
@@ -476,8 +491,6 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
             tiles = tiles and a == covered and b > a
             covered = b
         if len(nodes) >= 3 or (tiles and covered == T):
-            why = [f.reason for f in ctx.near_misses if f.pattern == "loop_recurrence"]
-            why = (f" Not rewritten as a loop with a carried state: {why[0]}." if why else "")
             raise SequenceParallelError(
                 f"spcompile: {len(nodes)} slices/indexes along the sharded sequence axis of one "
                 f"value (first at {source_line(nodes[0]) or nodes[0].name}): a Python loop over "

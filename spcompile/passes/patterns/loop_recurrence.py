@@ -37,8 +37,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_utils import canonical_name, set_meta, shape, tensor_val
-from ..pipeline import Ctx
+from ..graph_utils import ancestors, arg, canonical_name, set_meta, shape, tensor_val
+from ..pipeline import Ctx, source_line
 from ..sequence_axis import Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
 
@@ -152,6 +152,34 @@ class LoopRecurrence(Pattern):
             sp = _span(node, p.dim, T)
             if sp is not None:
                 by_src.setdefault(node.args[0], []).append((node, sp))
+        # ``for h_t in h.unbind(1)`` / ``for blk in h.split(C, dim=1)``: the pieces are the reads
+        for node, _ in list(ctx.mixing.items()):
+            name = canonical_name(node)
+            if name not in ("unbind", "split") or not node.users:
+                continue
+            x = node.args[0]
+            p = pl.get(x)
+            if not isinstance(p, Shard) or p.merged or shape(x) is None:
+                continue
+            nd = len(shape(x))
+            if name == "unbind":
+                d, C = arg(node, 1, "dim", 0), 1
+            else:
+                C = arg(node, 1, "split_size", node.kwargs.get("split_size_or_sections"))
+                d = arg(node, 2, "dim", 0)
+            if not isinstance(C, int) or isinstance(C, bool) or C < 1 or not isinstance(d, int) \
+                    or d % nd != p.dim:
+                continue
+            pieces = -(-T // C)
+            rs = []
+            for u in node.users:
+                if canonical_name(u) != "getitem" or not isinstance(u.args[1], int):
+                    rs = []
+                    break
+                k = u.args[1] % pieces
+                rs.append((u, (k * C, min((k + 1) * C, T))))
+            if rs:
+                by_src[node] = rs
         groups: Dict[tuple, Dict[fx.Node, Tuple[int, int]]] = {}
         for src, rs in by_src.items():
             spans = sorted(set(sp for _, sp in rs))
@@ -164,6 +192,13 @@ class LoopRecurrence(Pattern):
                 g = groups.setdefault(tuple(spans), {})
                 g.update(dict(rs))
         for spans, reads in groups.items():
+            # a source computed from this group's reads belongs to a later loop (the next
+            # layer, fed by this loop's outputs): found once this loop is rewritten
+            srcs = {r.args[0] for r in reads}
+            later = {src for src in srcs if ancestors(src) & set(reads)}
+            reads = {r: sp for r, sp in reads.items() if r.args[0] not in later}
+            if not reads:
+                continue
             found = self._match(gm, ctx, list(spans), reads)
             if found is not None:
                 yield found
@@ -180,7 +215,10 @@ class LoopRecurrence(Pattern):
         for r, sp in reads.items():
             L.reads[r] = step_of_span[sp]
             L.read_len[r] = sp[1] - sp[0]
-            L.read_dim[r] = ctx.placements[r.args[0]].dim
+            p = ctx.placements.get(r.args[0])
+            # None: a piece of an unbind/split (its index is the step)
+            L.read_dim[r] = p.dim if canonical_name(r.args[0]) not in ("unbind", "split") \
+                and isinstance(p, Shard) else None
             if all(canonical_name(u) in _SHAPE_ONLY for u in r.users):
                 L.shape_reads.add(r)
         L.spans = list(spans)
@@ -240,30 +278,44 @@ class LoopRecurrence(Pattern):
         if not L.chains:
             return fail("no carried state: no replicated initial value updated by an affine "
                         "elementwise chain across the steps")
+        # a chain's other operands must not depend on any state; a chain that fails this is
+        # dropped (e.g. the next layer's loop, fed by this loop's outputs: found after this
+        # loop's rewrite), and if its nodes then read across steps, the body check refuses
+        first_bad = None
+        while True:
+            in_chain = set().union(*(set(c) for _, c in L.chains)) if L.chains else set()
+            state_nodes = in_chain | {z for z, _ in L.chains}
+            reach: Set[fx.Node] = set(state_nodes)
+            for n in gm.graph.nodes:
+                if n not in reach and canonical_name(n) not in _SHAPE_ONLY and \
+                        any(a in reach for a in n.all_input_nodes):
+                    reach.add(n)
+            keep = []
+            for z, chain in L.chains:
+                prev, ok = z, True
+                for c in chain:
+                    bad = [a for a in c.all_input_nodes if a is not prev and a in reach]
+                    if bad:
+                        first_bad = first_bad or (
+                            f"the state update {c.name} ({canonical_name(c)}) also uses "
+                            f"{bad[0].name}, which depends on a carried state: the recurrence "
+                            f"is not affine in its state")
+                        ok = False
+                        break
+                    prev = c
+                if ok:
+                    keep.append((z, chain))
+            if len(keep) == len(L.chains):
+                break
+            L.chains = keep
+        if not L.chains:
+            return fail(first_bad or "no carried state")
         roots = {z for z, _ in L.chains}
-        state_nodes = in_chain | roots
         chain_of: Dict[fx.Node, Tuple[int, int]] = {}
         for ci, (z, chain) in enumerate(L.chains):
             chain_of[z] = (ci, -1)
             for i, c in enumerate(chain):
                 chain_of[c] = (ci, i)
-
-        # the chain's other operands must not depend on any state
-        reach: Set[fx.Node] = set(state_nodes)
-        for n in gm.graph.nodes:
-            if n not in reach and canonical_name(n) not in _SHAPE_ONLY and \
-                    any(a in reach for a in n.all_input_nodes):
-                reach.add(n)
-        for z, chain in L.chains:
-            prev = z
-            for c in chain:
-                others = [a for a in c.all_input_nodes if a is not prev]
-                bad = [a for a in others if a in reach]
-                if bad:
-                    return fail(f"the state update {c.name} ({canonical_name(c)}) also uses "
-                                f"{bad[0].name}, which depends on a carried state: the "
-                                f"recurrence is not affine in its state")
-                prev = c
 
         # steps of every node through the tokens it reads (carried states do not count)
         rtag: Dict[fx.Node, frozenset] = {}
@@ -292,8 +344,9 @@ class LoopRecurrence(Pattern):
                     L.combiners[n] = -1
                     rtag[n] = frozenset()
                     continue
-                return fail(f"{canonical_name(n)} at {n.name} combines values of several loop "
-                            f"steps (only a stack/cat of one value per step is understood)")
+                return fail(f"{canonical_name(n)} at {source_line(n) or n.name} combines values "
+                            f"of several loop steps (only a stack/cat of one value per step is "
+                            f"understood)")
             rtag[n] = frozenset(rt)
         # chain nodes without a read take the step of the next update that has one
         for ci, (z, chain) in enumerate(L.chains):
@@ -355,9 +408,9 @@ class LoopRecurrence(Pattern):
                 if canonical_name(n) in _COMBINE:
                     L.combiners[n] = -1
                     continue
-                return fail(f"{canonical_name(n)} at {n.name} combines values of several "
-                            f"loop steps (only a stack/cat of one value per step is "
-                            f"understood)")
+                return fail(f"{canonical_name(n)} at {source_line(n) or n.name} combines "
+                            f"values of several loop steps (only a stack/cat of one value per "
+                            f"step is understood)")
             if from_state:
                 views.append(n)
                 view_set.add(n)
@@ -452,7 +505,8 @@ class LoopRecurrence(Pattern):
                     L.after[u] = n
                     continue
                 return fail(f"{n.name} of loop step {k} is used after the loop by {u.name}")
-        covered = set(L.body) | set(L.combiners) | set(L.reads) | state_nodes
+        covered = set(L.body) | set(L.combiners) | set(L.reads) | state_nodes | \
+            {r.args[0] for r in L.reads if L.read_dim[r] is None}
         z0, c0 = L.chains[0]
         return Match(self.kind, self.name, c0[0], nodes=covered,
                      info={"steps": L.n, "states": len(L.chains),
@@ -542,11 +596,17 @@ class LoopRecurrence(Pattern):
         # placements the later analyses must not recompute as mixing
         for n in L.reads:
             n.meta["spcompile_placement"] = Replicate()
+            if L.read_dim[n] is None:  # the unbind/split itself: pieces for this rank's steps
+                n.args[0].meta["spcompile_placement"] = Replicate()
         for n in L.body:
             n.meta["spcompile_placement"] = Replicate()
         for n, d in L.combiners.items():
             n.meta["spcompile_placement"] = Shard(d)
         _stable_toposort(g)
+        # what reads the loop's output (the next layer) was analysed as per-step values: find
+        # its families now that the output is known to be sharded
+        from ..detect import redetect
+        redetect(gm, ctx)
 
     def _rebuild_last_update(self, g: fx.Graph, L: _Loop, ci: int) -> None:
         """Dynamo dropped the last step's update (nothing used the final state); the rank's
@@ -583,6 +643,13 @@ class LoopRecurrence(Pattern):
     def _read_at(g: fx.Graph, r: fx.Node, L: _Loop, step: int) -> fx.Node:
         """Read ``r``'s source as ``r`` does, at ``step``'s span (an existing read if any)."""
         src = r.args[0]
+        if L.read_dim[r] is None:  # a piece of an unbind/split
+            for other, s in L.reads.items():
+                if s == step and other.args[0] is src:
+                    return other
+            n = g.call_function(operator.getitem, (src, step))
+            set_meta(n)
+            return n
         idx = list(r.args[1] if isinstance(r.args[1], tuple) else (r.args[1],))
         a, b = L.spans[step]
         d = 0
