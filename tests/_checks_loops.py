@@ -47,6 +47,8 @@ def check_token_loops(rank, P, rec):
           T=12 * P)
     exact(rank, P, rec, "linear transformer recurrent form (S, z states)",
           ML.NormalisedTokenLoop)
+    exact(rank, P, rec, "gated RNN, tanh readout, torch.stack(ys).transpose(0, 1)",
+          ML.StackDim0Loop, T=12 * P)
     exact(rank, P, rec, "gated recurrence from a learned h0 (+ final state)",
           ML.LearnedInitGatedLoop, T=10 * P)  # T != d: the final state is not sequence-shaped
 
@@ -63,6 +65,8 @@ def check_refusals(rank, P, rec):
     refused(rank, P, rec, "loop reading its counter", ML.CounterLoop,
             ["loop over", "step number"])
     refused(rank, P, rec, "blocks that do not tile the shards alike", ML.PartialBlockLoop,
+            ["loop over"])
+    refused(rank, P, rec, "outputs written in place, out[:, t] = s", ML.PreallocLoop,
             ["loop over"])
 
 

@@ -289,3 +289,37 @@ class TwoMambaSlow(nn.Sequential):
 
     def __init__(self, d: int = 16):
         super().__init__(MambaSlowScan(d), MambaSlowScan(d))
+
+
+class PreallocLoop(nn.Module):
+    """Outputs written into a preallocated tensor, ``out[:, t] = s`` (an in-place setitem)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros(x.shape[0], x.shape[2])
+        out = torch.zeros_like(h)
+        for t in range(x.shape[1]):
+            s = 0.9 * s + h[:, t]
+            out[:, t] = s
+        return out
+
+
+class StackDim0Loop(nn.Module):
+    """``torch.stack(ys)`` along dim 0, then ``.transpose(0, 1)`` (common RNN code)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.lin(x))
+        s = torch.zeros(x.shape[0], x.shape[2])
+        ys = []
+        for t in range(x.shape[1]):
+            s = h[:, t] * s + (1 - h[:, t]) * x[:, t]
+            ys.append(torch.tanh(s))
+        return torch.stack(ys).transpose(0, 1)

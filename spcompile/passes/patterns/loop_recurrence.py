@@ -402,6 +402,8 @@ class LoopRecurrence(Pattern):
                     from_state = True
                     if a in chain_step:
                         ow.add(chain_step[a])
+                    elif a in view_set and a.meta.get("_loop_owner") is not None:
+                        ow.add(a.meta["_loop_owner"])
                 elif a in L.body:
                     ow.add(L.body[a])
             if len(ow) > 1:
