@@ -71,8 +71,8 @@ def check_refusals(rank, P, rec):
 
 
 def check_p4(rank, P, rec):
-    exact(rank, P, rec, "HF Mamba slow_forward selective scan", ML.MambaSlowScan,
-          compiler="eager")
+    exact(rank, P, rec, "mamba_ssm selective_scan_ref ([B, D, L], einsums, new_zeros)",
+          ML.MambaRefScan, T=4 * P, compiler="eager")
     exact(rank, P, rec, "lightning attention-2 block loop", ML.LightningBlockLoop, T=12 * P)
     exact(rank, P, rec, "gated recurrence from a learned h0 (+ final state)",
           ML.LearnedInitGatedLoop, T=10 * P)

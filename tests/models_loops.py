@@ -323,3 +323,47 @@ class StackDim0Loop(nn.Module):
             s = h[:, t] * s + (1 - h[:, t]) * x[:, t]
             ys.append(torch.tanh(s))
         return torch.stack(ys).transpose(0, 1)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None):
+    """mamba_ssm's reference selective scan, ``[B, D, L]`` layout (sequence on dim 2)."""
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    x = A.new_zeros((u.shape[0], A.shape[0], A.shape[1]))
+    ys = []
+    last_state = None
+    for i in range(u.shape[2]):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        y = torch.einsum("bdn,bn->bd", x, C[:, :, i])
+        if i == u.shape[2] - 1:
+            last_state = x
+        ys.append(y)
+    y = torch.stack(ys, dim=2)
+    out = y if D is None else y + u * D[:, None]
+    if z is not None:
+        out = out * F.silu(z)
+    return out, last_state
+
+
+class MambaRefScan(nn.Module):
+    """A Mamba-1 mixer around ``selective_scan_ref`` (inputs ``[B, L, D]``)."""
+
+    def __init__(self, d: int = 16, n: int = 4):
+        super().__init__()
+        self.in_proj = nn.Linear(d, 2 * d)
+        self.x_proj = nn.Linear(d, 1 + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(1, d)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1.0)).repeat(d, 1))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, d)
+        self.n = n
+
+    def forward(self, h):
+        xz = self.in_proj(h).transpose(1, 2)  # [B, 2D, L]
+        x, z = xz.chunk(2, dim=1)
+        dbc = self.x_proj(x.transpose(1, 2))  # [B, L, 1 + 2n]
+        dt, Bm, Cm = torch.split(dbc, [1, self.n, self.n], dim=-1)
+        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, D, L]
+        y, _ = selective_scan_ref(x, delta, -torch.exp(self.A_log), Bm.transpose(1, 2),
+                                  Cm.transpose(1, 2), self.D, z)
+        return self.out_proj(y.transpose(1, 2))
