@@ -136,6 +136,20 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
                 "spcompile: the graph has dynamic shapes (Dynamo recompiled it for a new length); "
                 "sequence parallelism needs static shard lengths. Compile with "
                 "torch.compile(..., dynamic=False), or keep the sequence length fixed.")
+    for node in gm.graph.nodes:
+        v = node.meta.get("example_value")
+        for t in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(t, torch.SymInt) or (isinstance(t, torch.Tensor) and any(
+                    isinstance(s, torch.SymInt) for s in t.shape)):
+                from .passes.pipeline import source_line
+                raise SequenceParallelError(
+                    f"spcompile: {node.name} at {source_line(node) or node.name} has a "
+                    f"data-dependent shape (nonzero, torch.where(mask), boolean indexing, "
+                    f"unique... captured with torch._dynamo.config."
+                    f"capture_dynamic_output_shape_ops or capture_scalar_outputs); sequence "
+                    f"parallelism needs static shapes. Write it with fixed shapes (e.g. MoE "
+                    f"routing that weights every expert by a scattered top-k mask) or leave "
+                    f"those options off so that Dynamo breaks the graph there.")
     name, size, rank = resolve_group(opts.group)
     if opts.world_size is not None and opts.world_size != size:
         if size != 1:
@@ -179,7 +193,11 @@ class SPBackend:
         self.reports.append(report)
         if self.opts.verbose:
             print(report)
-        return _delegate(self.opts.compiler)(gm, example_inputs)
+        fn = _delegate(self.opts.compiler)(gm, example_inputs)
+        if ctx.world_size > 1:  # values crossing graph breaks keep their placement
+            from .boundary import input_tags, output_tags, tagging
+            fn = tagging(fn, output_tags(gm, ctx), input_tags(gm, ctx), ctx.seq_len)
+        return fn
 
     def __repr__(self) -> str:
         return f"spcompile.backend({self.opts})"

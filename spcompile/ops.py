@@ -101,6 +101,24 @@ replicated_output.register_autograd(
     setup_context=lambda ctx, inputs, output: setattr(ctx, "world_size", inputs[1]))
 
 
+@torch.library.custom_op("spcompile::replicated_input", mutates_args=())
+def replicated_input(x: Tensor, world_size: int) -> Tensor:
+    """Identity; the backward multiplies by ``world_size``: a replicated value an earlier graph
+    returned through :func:`replicated_output` enters a later graph (across a graph break),
+    whose own output wrapper divides again (``spcompile.boundary``)."""
+    return x.clone()
+
+
+@replicated_input.register_fake
+def _(x, world_size):
+    return torch.empty_like(x)
+
+
+replicated_input.register_autograd(
+    lambda ctx, g: (g * ctx.world_size, None),
+    setup_context=lambda ctx, inputs, output: setattr(ctx, "world_size", inputs[1]))
+
+
 # ------------------------------------------------------------------ scans along the sequence
 # torch op → how two partial results combine (the op's associative operator)
 SCANS = {"cumsum": "sum", "cumprod": "prod", "logcumsumexp": "logaddexp", "cummax": "max",

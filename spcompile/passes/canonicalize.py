@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import canonical_name, set_meta, shape, tensor_val
+from .graph_utils import canonical_name, eliminate_dead_code, set_meta, shape, tensor_val
 from .pipeline import Ctx, register_pass
 
 _METHODS_TO_FUNCTIONS = {
@@ -374,6 +374,6 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 hasattr(torch, name) and isinstance(node.args[0], fx.Node):
             new = _new(gm, node, getattr(torch, name), tuple(node.args), dict(node.kwargs))
             _replace(gm, node, new)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.recompile()
     return gm

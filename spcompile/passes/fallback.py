@@ -112,7 +112,10 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
             f"spcompile: {where} mixes tokens along the sequence ({reason}); gathering the "
             f"sequence around it failed ({type(e).__name__}: {e}). It probably uses sizes of the "
             f"local shard. Compute it from shapes at run time or declare the layer with an "
-            f"spcompile annotation.") from None
+            f"spcompile annotation. (If this graph starts after a graph break, an input that "
+            f"eager code made between the graphs may have been taken for sequence-shaped by its "
+            f"dim {ctx.options.seq_dim}, e.g. MoE tokens picked with torch.where: avoid the "
+            f"break, or mark the tensor with spcompile.mark_sequence(t, None).)") from None
     node.meta["example_value"] = global_val
     outs = list(global_val) if isinstance(global_val, (tuple, list)) else [global_val]
     locs = list(local_val) if isinstance(local_val, (tuple, list)) else [local_val]
@@ -444,6 +447,34 @@ def _reshard_global_args(gm, ctx: Ctx, node: fx.Node, before, P: int, skip=()) -
         node.kwargs = fx.node.map_arg(node.kwargs, lambda x: replace.get(x, x))
 
 
+def _boundary_io(gm: fx.GraphModule, ctx: Ctx, pl) -> None:
+    """Values crossing graph breaks (``spcompile.boundary``): a ``T×T`` value may not leave the
+    graph (a rank holds only its diagonal block, which no later graph can complete); a
+    replicated input that an earlier graph returned through ``replicated_output`` gets
+    ``replicated_input`` (backward × P), so its gradient is divided by P once, not twice."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    for a in out.all_input_nodes:
+        if isinstance(pl.get(a), Pair):
+            raise SequenceParallelError(
+                f"spcompile: the T×T value {canonical_name(a)} at {source_line(a) or a.name} "
+                f"leaves the compiled graph (it is returned, or a graph break follows it): a "
+                f"rank holds only its diagonal block of it, which nothing after the graph can "
+                f"complete. Keep the scores inside one graph (move the graph break, e.g. a "
+                f"print or a data-dependent branch, after the attention) and do not return "
+                f"attention weights.")
+    for n in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        v = tensor_val(n)
+        if not n.meta.get("spcompile_replicated_input") or v is None or \
+                not v.dtype.is_floating_point or not n.users:
+            continue
+        with gm.graph.inserting_after(n), ctx.provenance(gm, None, n):
+            w = gm.graph.call_function(torch.ops.spcompile.replicated_input.default,
+                                       (n, ctx.world_size))
+        set_meta(w)
+        w.meta["spcompile_placement"] = Replicate()
+        n.replace_all_uses_with(w, delete_user_cb=lambda u: u is not w)
+
+
 def _ancestors_with(node: fx.Node):
     from .graph_utils import ancestors
     return ancestors(node) | {node}
@@ -598,6 +629,7 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     pl = analyze(gm, ctx)
     if ctx.fallbacks:
         _check_local_lengths(gm, ctx, ideal, pl)
+    _boundary_io(gm, ctx, pl)
     _wrap_replicated_outputs(gm, ctx)
     gm.recompile()
     return gm

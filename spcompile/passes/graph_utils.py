@@ -18,6 +18,23 @@ def val(node: Any) -> Any:
     return v
 
 
+def mutates(node: fx.Node) -> bool:
+    """An in-place op (``buf.add_(1)``, ``x.index_add_(...)``, ``x[i] = v``, ``copy_``): its
+    effect is the mutation, so it is kept even when its result is unused."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """FX's dead-code elimination, keeping in-place mutations (FX treats every method call as
+    pure: a BatchNorm's ``num_batches_tracked.add_(1)`` would vanish)."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))
+
+
 def tensor_val(node: Any) -> Optional[torch.Tensor]:
     v = val(node)
     return v if isinstance(v, torch.Tensor) else None

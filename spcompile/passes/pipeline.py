@@ -95,6 +95,7 @@ def _source_line(node: Optional[fx.Node]) -> Optional[str]:
     if not trace:
         return None
     lines = [ln for ln in trace.strip().splitlines() if ln.strip()]
+    frames = []
     for i in range(len(lines) - 1, -1, -1):
         ln = lines[i].strip()
         if ln.startswith("File "):
@@ -104,8 +105,12 @@ def _source_line(node: Optional[fx.Node]) -> Optional[str]:
             except IndexError:
                 return ln
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            return f"{os.path.basename(path)}:{lineno}  {code}"
-    return None
+            frames.append((path, f"{os.path.basename(path)}:{lineno}  {code}"))
+    # the innermost frame outside torch itself (F.pad's body is torch's line, not the user's)
+    import torch
+    inside = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    user = [f for p, f in frames if not os.path.abspath(p).startswith(inside)]
+    return user[0] if user else (frames[0][1] if frames else None)
 
 
 source_line = _source_line

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .graph_utils import eliminate_dead_code
 from .pipeline import Ctx, register_pass
 
 
@@ -21,6 +22,6 @@ def rewrite(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         for node in gm.graph.nodes:  # internal values of a replacement are not sequence data
             if node not in known:
                 node.meta.setdefault("spcompile_placement", Replicate())
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.recompile()
     return gm

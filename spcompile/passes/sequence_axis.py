@@ -39,9 +39,12 @@ class Replicate:
 class Shard:
     dim: int
     merged: bool = False
+    # merged: the stride (in elements of the merged dim) of the sequence factor inside it, e.g.
+    # 1 for [B, T, D] → [B*T, D]; 0 = unknown (the sequence cannot be taken apart again)
+    inner: int = 0
 
     def __str__(self) -> str:
-        return f"S({self.dim}{',merged' if self.merged else ''})"
+        return f"S({self.dim}{f',merged/{self.inner}' if self.merged else ''})"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ CREATION = {"ones", "zeros", "full", "empty", "arange", "tensor", "eye", "rand",
 REDUCTIONS = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min", "max": "max",
               "min": "min", "logsumexp": "logsumexp", "var": "var", "std": "std",
               "norm": "norm", "prod": "prod", "all": "all", "any": "any",
-              "count_nonzero": "sum"}
+              "count_nonzero": "sum", "argmax": "argmax", "argmin": "argmin"}
+# ops along one dim: canonical name → (index of the dim argument, its default)
+_DIM_ARG = {"topk": (2, -1), "sort": (1, -1), "argsort": (1, -1), "glu": (1, -1)}
 
 
 def _nd(node: Any) -> int:
@@ -126,7 +131,16 @@ class Analyzer:
         return R
 
     # -------------------------------------------------------- inputs
-    def input_placement(self, index: int, node: fx.Node, example: Any) -> Placement:
+    def input_placement(self, index: int, node: fx.Node, example: Any,
+                        eager_made: bool = False) -> Placement:
+        """An input's placement: an explicit mark (``input_seq_dims``, ``mark_sequence``), else
+        the placement an earlier compiled graph gave the tensor when it returned it (a value
+        crossing a graph break, see ``spcompile.boundary``), else ``Shard(seq_dim)`` when that
+        dim has the sequence length, else replicated. ``eager_made``: the graph is the rest of a
+        frame after a graph break and the input is the value the breaking instruction left on
+        the stack (``torch.where(mask)``, ``h[mask]``, an opaque call): without a tag and
+        without the sequence length it is refused, not taken for replicated."""
+        from ..boundary import read_tag
         opts = self.ctx.options
         if not isinstance(example, torch.Tensor):
             return R
@@ -135,6 +149,16 @@ class Analyzer:
         seq_dims = getattr(opts, "input_seq_dims", {}) or {}
         marked = getattr(example, "_spcompile_seq_dim", "unset")
         user_name = _user_name(node)
+        explicit = index in seq_dims or user_name in seq_dims or marked != "unset"
+        tag = None if explicit else read_tag(example)
+        if tag is not None and tag[2]:  # returned by an earlier graph: its placement there
+            p, wrapped, _ = tag
+            if wrapped:
+                node.meta["spcompile_replicated_input"] = True
+            if isinstance(p, Shard) and not p.merged and p.dim < example.dim() and \
+                    self.ctx.seq_len is None:
+                self.ctx.seq_len = int(example.shape[p.dim])
+            return p
         if index in seq_dims:
             dim = seq_dims[index]
         elif user_name in seq_dims:
@@ -145,19 +169,36 @@ class Analyzer:
             dim = opts.seq_dim
         if dim is None or example.dim() == 0:
             return R
-        if example.dim() <= (dim if dim >= 0 else -dim - 1):
-            return R
-        d = dim % example.dim()
-        T = int(example.shape[d])
-        if self.ctx.seq_len is None:
-            self.ctx.seq_len = T
-        elif self.ctx.seq_len != T:
+        if example.dim() > (dim if dim >= 0 else -dim - 1):
+            d = dim % example.dim()
+            T = int(example.shape[d])
+            if self.ctx.seq_len is None:
+                self.ctx.seq_len = T
+                return Shard(d)
+            if self.ctx.seq_len == T:
+                return Shard(d)
+        if tag is not None:  # a graph was given it before: its placement there
+            return tag[0]
+        if not explicit and eager_made and self.ctx.world_size > 1:
+            from .fallback import SequenceParallelError
+            raise SequenceParallelError(
+                f"spcompile: input {user_name or node.name} (shape {tuple(example.shape)}) of a "
+                f"graph Dynamo compiled after a graph break was computed outside the compiled "
+                f"graphs, by eager code between them (a data-dependent op such as "
+                f"torch.where(mask), nonzero, boolean indexing, or a part Dynamo skipped), and "
+                f"has no dim of this rank's sequence length {self.ctx.seq_len}: spcompile cannot "
+                f"tell whether it holds this rank's tokens (e.g. a flattened [B*T, E] router "
+                f"output, token indices) or a value that is the same on every rank. Avoid the "
+                f"graph break there (e.g. route MoE experts without data-dependent shapes), or "
+                f"mark the tensor before the call: spcompile.mark_sequence(t, None) for a "
+                f"replicated value, spcompile.mark_sequence(t, dim) for a sequence-shaped one.")
+        if example.dim() > (dim if dim >= 0 else -dim - 1):
             self.ctx.notes.append(
-                f"input {user_name or node.name} has length {T} on dim {d}, not the sequence "
-                f"length {self.ctx.seq_len}: treated as not sequence-shaped (mark it with "
-                f"spcompile.mark_sequence or input_seq_dims if that is wrong)")
-            return R
-        return Shard(d)
+                f"input {user_name or node.name} has length {example.shape[dim % example.dim()]} "
+                f"on dim {dim % example.dim()}, not the sequence length {self.ctx.seq_len}: "
+                f"treated as not sequence-shaped (mark it with spcompile.mark_sequence or "
+                f"input_seq_dims if that is wrong)")
+        return R
 
     # -------------------------------------------------------- main loop
     def run(self) -> Dict[fx.Node, Placement]:
@@ -179,11 +220,23 @@ class Analyzer:
     def run_once(self) -> Dict[fx.Node, Placement]:
         self.pl, self.mixing, self.conflicts = {}, {}, {}
         self.ctx.mixing = self.mixing
+        from ..boundary import in_resume_frame, last_seq_len, read_tag
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         examples = list(self.ctx.example_inputs)
-        for i, n in enumerate(placeholders):
-            ex = examples[i] if i < len(examples) else val(n)
-            self.pl[n] = self.input_placement(i, n, ex)
+        examples = [examples[i] if i < len(examples) else val(n)
+                    for i, n in enumerate(placeholders)]
+        produced = [not _is_param_or_buffer(n) and (read_tag(ex) or (0, 0, False))[2]
+                    for n, ex in zip(placeholders, examples)]
+        resume = self.ctx.world_size > 1 and in_resume_frame()
+        # values an earlier graph returned first: their placement fixes the sequence length
+        # (after a graph break without one, the length of the graph that ran last does)
+        order = sorted(range(len(placeholders)), key=lambda i: not produced[i])
+        for i in order:
+            if not produced[i] and resume and self.ctx.seq_len is None:
+                self.ctx.seq_len = last_seq_len()
+            self.pl[placeholders[i]] = self.input_placement(
+                i, placeholders[i], examples[i],
+                eager_made=resume and _from_stack(placeholders[i]))
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -259,7 +312,8 @@ class Analyzer:
                 if isinstance(d, int) and d % _nd(node) == pp.d1:
                     return pp  # row softmax of scores: still T×T, for the attention pattern
             if name in ("reshape", "view", "unsqueeze", "squeeze", "expand", "contiguous",
-                        "clone", "to", "float", "type_as") and len(node.all_input_nodes) >= 1:
+                        "clone", "to", "float", "type_as", "repeat") and \
+                    len(node.all_input_nodes) >= 1:
                 pp = self.get(node.args[0])
                 ish, osh = shape(node.args[0]), shape(node)
                 if isinstance(pp, Pair) and ish and osh and (pp.d0, pp.d1) == (
@@ -313,7 +367,7 @@ class Analyzer:
                 else:
                     return Mixing("non-linear op on a partial sum")
             elif isinstance(p, Shard):
-                q = Shard(p.dim + out_nd - nd, p.merged)
+                q = Shard(p.dim + out_nd - nd, p.merged, p.inner)
             elif isinstance(p, Pair):
                 q = Pair(p.d0 + out_nd - nd, p.d1 + out_nd - nd)
             else:
@@ -322,7 +376,7 @@ class Analyzer:
                 res = q
             elif res != q:
                 if isinstance(res, Shard) and isinstance(q, Shard) and res.dim == q.dim:
-                    res = Shard(res.dim, res.merged or q.merged)
+                    res = Shard(res.dim, res.merged or q.merged, res.inner or q.inner)
                 elif isinstance(res, Pair) and isinstance(q, Shard) and q.dim in (res.d0, res.d1):
                     pass
                 elif isinstance(q, Pair) and isinstance(res, Shard) and res.dim in (q.d0, q.d1):
@@ -357,9 +411,9 @@ class Analyzer:
             return Mixing(f"{name} over the sequence", "replicate")
         if isinstance(val(node), tuple):  # max(dim) returns (values, indices)
             new = p.dim - sum(1 for d in red if d < p.dim) if not keep else p.dim
-            return Shard(new, p.merged)
+            return Shard(new, p.merged, p.inner)
         new = p.dim if keep else p.dim - sum(1 for d in red if d < p.dim)
-        return Shard(new, p.merged)
+        return Shard(new, p.merged, p.inner)
 
     def getitem(self, node: fx.Node) -> Placement:
         x, idx = node.args[0], node.args[1]
@@ -385,7 +439,7 @@ class Analyzer:
             if i is Ellipsis:
                 skip = len(sh) - n_real
                 if in_dim <= p.dim < in_dim + skip:
-                    res = Shard(out_dim + (p.dim - in_dim), p.merged)
+                    res = Shard(out_dim + (p.dim - in_dim), p.merged, p.inner)
                 in_dim += skip
                 out_dim += skip
             elif i is None:
@@ -399,13 +453,13 @@ class Analyzer:
                     full = slice(None).indices(sh[in_dim])
                     if i.indices(sh[in_dim]) != full:
                         return Mixing("slice of the sequence axis", p.dim)
-                    res = Shard(out_dim, p.merged)
+                    res = Shard(out_dim, p.merged, p.inner)
                 in_dim += 1
                 out_dim += 1
             else:
                 return Mixing(f"index {i!r}")
         if res is None and p.dim >= in_dim:
-            res = Shard(out_dim + (p.dim - in_dim), p.merged)
+            res = Shard(out_dim + (p.dim - in_dim), p.merged, p.inner)
         return res if res is not None else Mixing("index dropped the sequence axis")
 
     def reshape(self, node: fx.Node) -> Placement:
@@ -414,7 +468,7 @@ class Analyzer:
         if not isinstance(p, Shard):
             return Mixing(f"reshape of {p}") if not isinstance(p, Partial) else Partial()
         ish, osh = shape(x), shape(node)
-        return _map_reshape(ish, osh, p)
+        return _map_reshape(ish, osh, p, self.ctx.seq_len)
 
     def permute(self, node: fx.Node) -> Placement:
         x = node.args[0]
@@ -424,7 +478,7 @@ class Analyzer:
         nd = _nd(x)
         dims = [_norm(d, nd) for d in dims]
         if isinstance(p, Shard):
-            return Shard(dims.index(p.dim), p.merged)
+            return Shard(dims.index(p.dim), p.merged, p.inner)
         if isinstance(p, Pair):
             return Pair(dims.index(p.d0), dims.index(p.d1))
         return p
@@ -447,7 +501,7 @@ class Analyzer:
         p = self.get(x)
         d = _norm(arg(node, 1, "dim"), _nd(node))
         if isinstance(p, Shard):
-            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged)
+            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged, p.inner)
         return p
 
     def squeeze(self, node: fx.Node) -> Placement:
@@ -486,15 +540,15 @@ class Analyzer:
         if isinstance(ra, tuple) and isinstance(rb, tuple):
             if ra[1] != rb[1]:
                 return Mixing("matmul operands sharded on different batch dims")
-            return Shard(no + ra[1], pa.merged)
+            return Shard(no + ra[1], pa.merged, pa.inner)
         if isinstance(ra, tuple) and rb is None:
-            return Shard(no + ra[1], pa.merged)
+            return Shard(no + ra[1], pa.merged, pa.inner)
         if isinstance(rb, tuple) and ra is None:
-            return Shard(no + rb[1], pb.merged)
+            return Shard(no + rb[1], pb.merged, pb.inner)
         if ra == "row" and rb is None:
-            return Shard(no - 2, pa.merged)
+            return Shard(no - 2, pa.merged, pa.inner)
         if rb == "col" and ra is None:
-            return Shard(no - 1, pb.merged)
+            return Shard(no - 1, pb.merged, pb.inner)
         return Mixing("matmul with mixed sharding")
 
     def linear(self, node: fx.Node) -> Placement:
@@ -541,11 +595,75 @@ class Analyzer:
             return p
         return Mixing("embedding with a sharded table")
 
-    def last_dim_local(self, node: fx.Node) -> Placement:
-        """Ops that act on the last dim only (normalize(dim=-1), ...)."""
+    def group_norm(self, node: fx.Node) -> Placement:
+        """``group_norm(x [N, C, *])``: statistics per sample over a group of channels and ALL
+        trailing dims, so only a sequence folded into ``N`` (``[B*T, C]``) stays token-local;
+        ``[B, C, T]`` (channels first) or ``[B, H, T, d]`` mixes tokens."""
         x = node.args[0]
         p = self.get(x)
-        dim = arg(node, 2, "dim", -1) if canonical_name(node) == "normalize" else -1
+        if isinstance(p, Shard) and p.dim == 0 and all(
+                isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
+            return p
+        return Mixing("group_norm statistics over the sequence axis")
+
+    def dim_local(self, node: fx.Node) -> Placement:
+        """Ops along one dim (``topk``, ``sort``, ``argsort``, ``glu``; the dim argument at the
+        index ``_DIM_ARG`` gives, with its default): token-local unless that dim is the
+        sequence."""
+        x = node.args[0]
+        p = self.get(x)
+        index, default = _DIM_ARG[canonical_name(node)]
+        d = arg(node, index, "dim", default)
+        if isinstance(p, Shard) and isinstance(d, int) and _norm(d, _nd(x)) != p.dim and all(
+                isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
+            return p
+        return Mixing(f"{canonical_name(node)} along the sequence axis",
+                      _norm(d, _nd(x)) if isinstance(d, int) else None)
+
+    def one_hot(self, node: fx.Node) -> Placement:
+        """``one_hot(idx, n)`` adds a last dim; with ``n = -1`` the width is the max of the
+        (local) values."""
+        p = self.get(node.args[0])
+        n = arg(node, 1, "num_classes", -1)
+        if isinstance(p, Shard) and isinstance(n, int) and n > 0:
+            return p
+        return Mixing("one_hot without num_classes (its width is a max over the sequence)",
+                      "replicate")
+
+    def index_along(self, node: fx.Node) -> Placement:
+        """``scatter``/``gather``/``scatter_add``/``index_select``/``index_add`` (dim second) of
+        a sharded ``x``: token-local when the indexed dim is not the sequence and every other
+        non-replicated operand (the index, the source) is sharded like ``x``."""
+        x = node.args[0]
+        p = self.get(x)
+        d = arg(node, 1, "dim")
+        if isinstance(p, Shard) and isinstance(d, int) and _norm(d, _nd(x)) != p.dim and all(
+                isinstance(self.get(a), Replicate) or self.get(a) == p
+                for a in node.all_input_nodes[1:]):
+            return p
+        return Mixing(f"{canonical_name(node)} along the sequence axis")
+
+    def repeat_interleave(self, node: fx.Node) -> Placement:
+        """``repeat_interleave(x, r, dim)``: along another dim token-local; along the sequence
+        with a fixed integer ``r`` each token is repeated in place (this rank's slice of the
+        result is its own tokens, repeated); ``dim=None`` flattens."""
+        x = node.args[0]
+        p = self.get(x)
+        r = arg(node, 1, "repeats")
+        d = arg(node, 2, "dim")
+        if isinstance(p, Shard) and isinstance(d, int) and not (
+                isinstance(r, fx.Node) and not isinstance(self.get(r), Replicate)):
+            if _norm(d, _nd(x)) != p.dim or (isinstance(r, int) and not p.merged):
+                return p
+        return Mixing("repeat_interleave along the sequence axis",
+                      p.dim if isinstance(p, Shard) else None)
+
+    def last_dim_local(self, node: fx.Node) -> Placement:
+        """Ops that act on one dim only (``F.normalize(x, p, dim=1)``: dim 1 by default, the
+        sequence of ``[B, T, D]``)."""
+        x = node.args[0]
+        p = self.get(x)
+        dim = arg(node, 2, "dim", 1) if canonical_name(node) == "normalize" else -1
         if isinstance(p, Shard) and p.dim != _norm(dim, _nd(x)):
             return p
         return Mixing(f"{canonical_name(node)} along the sequence axis")
@@ -568,7 +686,7 @@ class Analyzer:
         p = self.get(x)
         d = _norm(arg(node, 1, "dim", 0), _nd(x))
         if isinstance(p, Shard) and p.dim != d:
-            return Shard(p.dim - (1 if d < p.dim else 0), p.merged)
+            return Shard(p.dim - (1 if d < p.dim else 0), p.merged, p.inner)
         if isinstance(p, (Replicate, Partial)):
             return p
         return Mixing("unbind along the sequence axis", d)
@@ -593,15 +711,31 @@ class Analyzer:
         ps = [self.get(t) for t in tensors]
         if all(isinstance(q, Shard) and q == ps[0] for q in ps):
             p = ps[0]
-            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged)
+            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged, p.inner)
         return Mixing("stack of mixed placements")
 
     def expand(self, node: fx.Node) -> Placement:
         x = node.args[0]
         p = self.get(x)
         if isinstance(p, Shard):
-            return Shard(p.dim + _nd(node) - _nd(x), p.merged)
+            return Shard(p.dim + _nd(node) - _nd(x), p.merged, p.inner)
         return p
+
+    def repeat(self, node: fx.Node) -> Placement:
+        """``x.repeat(*reps)`` / ``tile``: tiling the sequence (a count > 1 on its dim) gives
+        ``[x; x]``, whose slice on a rank is not ``[x_r; x_r]``."""
+        x = node.args[0]
+        p = self.get(x)
+        reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else node.args[1:]
+        if not isinstance(p, Shard):
+            return p
+        out = _nd(node)
+        reps = (1,) * (out - len(reps)) + tuple(reps)  # tile pads its dims on the left
+        d = p.dim + out - _nd(x)
+        if reps[d] != 1:
+            return Mixing("repeat along the sequence axis", d)
+        return Shard(d, p.merged, p.inner)
 
     def flatten(self, node: fx.Node) -> Placement:
         return self.reshape(node)
@@ -610,9 +744,9 @@ class Analyzer:
         """outer(a, b) = a[:, None] * b[None, :] (RoPE angles from positions)."""
         pa, pb = self.get(node.args[0]), self.get(node.args[1])
         if isinstance(pa, Shard) and isinstance(pb, Replicate):
-            return Shard(0, pa.merged)
+            return Shard(0, pa.merged, pa.inner)
         if isinstance(pb, Shard) and isinstance(pa, Replicate):
-            return Shard(1, pb.merged)
+            return Shard(1, pb.merged, pb.inner)
         if isinstance(pa, Shard) and isinstance(pb, Shard):
             return Pair(0, 1)
         return Mixing(f"outer of {pa} and {pb}")
@@ -621,6 +755,18 @@ class Analyzer:
         return Mixing("attention over the sequence", _nd(node) - 2)
 
     def conv1d(self, node: fx.Node) -> Placement:
+        """A pointwise ``conv1d`` (kernel 1, stride 1, no padding: Conformer's and Mamba's
+        ``[B, C, T]`` projections) is token-local; any other mixes tokens."""
+        x, w = node.args[0], arg(node, 1, "weight")
+        p = self.get(x)
+        ws = shape(w) if isinstance(w, fx.Node) else None
+        stride, pad = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0)
+        one = lambda v: v in (1, (1,), [1])  # noqa: E731
+        zero = lambda v: v in (0, (0,), [0], "valid")  # noqa: E731
+        if isinstance(p, Shard) and ws is not None and ws[-1] == 1 and one(stride) and \
+                zero(pad) and all(isinstance(self.get(a), Replicate)
+                                  for a in node.all_input_nodes[1:]):
+            return p
         return Mixing("convolution along the sequence", _nd(node) - 1)
 
     def pad(self, node: fx.Node) -> Placement:
@@ -640,7 +786,7 @@ class Analyzer:
             x = node.args[0]
             p = self.get(x)
             if isinstance(p, Shard) and p.dim != 1:
-                return Shard(p.dim if p.dim == 0 else p.dim - 1, p.merged)
+                return Shard(p.dim if p.dim == 0 else p.dim - 1, p.merged, p.inner)
             return Mixing("cross_entropy over the sequence axis")
         return Mixing(f"cross_entropy with reduction={red!r}", "replicate")
 
@@ -709,32 +855,52 @@ def _outer(shards: List[Tuple[int, tuple]], d0: int, d1: int) -> bool:
     return True
 
 
-def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard) -> Placement:
-    """Where does input dim ``p.dim`` go in a reshape ``ish → osh``?
+def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard,
+                 T: Optional[int] = None) -> Placement:
+    """Where does the sequence of input dim ``p.dim`` go in a reshape ``ish → osh``?
 
-    Same prefix product and size → that dim; a dim that starts at the same prefix and divides the
-    length → the sequence was split into ``[n_chunks, C, ...]``, shard on the chunk count; a dim
-    that covers the sequence together with neighbours → ``merged`` (``[B, T] → [B*T]``).
+    The sequence is a factor of ``T`` elements with a fixed flat stride (row-major; a shard on a
+    chunk count ``[n_chunks, C, ...]`` continues into the chunk dim), which a reshape keeps: an output dim with that stride and size ``T`` → that dim; output dims that
+    tile it exactly → the sequence was split into ``[n_chunks, C, ...]``, shard on the chunk
+    count; an output dim that contains it with neighbours → ``merged`` with the factor's stride
+    inside it (``[B, T, D] → [B*T, D]``), which a later reshape takes apart again
+    (``[B*T, D] → [B, T, D]``). A merged input of unknown stride stays merged or is refused.
     """
-    pre = math.prod(ish[:p.dim])
-    T = ish[p.dim]
-    acc = 1
+    if p.merged and (not p.inner or not T):
+        pre = math.prod(ish[:p.dim])
+        acc = 1
+        for j, s in enumerate(osh):
+            if s != 1 and acc * s > pre and acc < pre * ish[p.dim]:
+                return Shard(j, True)  # the first output dim that overlaps it
+            acc *= s
+        return Mixing("reshape mixes a merged sequence axis")
+    if p.merged:
+        L, S = T, p.inner * math.prod(ish[p.dim + 1:])  # the factor's length and flat stride
+    else:
+        L, S = ish[p.dim], math.prod(ish[p.dim + 1:])
+        if T and L != T and T % L == 0:  # a chunk count: the sequence goes on into the chunks
+            k, n = p.dim + 1, L
+            while k < len(ish) and n < T:
+                n *= ish[k]
+                k += 1
+            if n == T:
+                L, S = T, math.prod(ish[k:])
+    strides = [math.prod(osh[j + 1:]) for j in range(len(osh))]
     for j, s in enumerate(osh):
-        nxt = acc * s
-        if acc == pre and s == T:
-            return Shard(j, p.merged)
-        if s == 1:  # unit dims move nothing
+        st = strides[j]
+        if s == 1:
             continue
-        if acc == pre and s < T and T % s == 0:
-            k, prod = j, 1
-            while k < len(osh) and prod < T:
+        if st == S and s == L:
+            return Shard(j)
+        if st <= S and S % st == 0 and (st * s) % (S * L) == 0:
+            return Shard(j, True, S // st)
+        if L % s == 0 and st == S * (L // s):  # the factor is split over dims j..k
+            prod, k = 1, j
+            while k < len(osh) and prod < L:
                 prod *= osh[k]
                 k += 1
-            if prod == T:
-                return Shard(j, p.merged)
-        if pre % acc == 0 and nxt % (pre * T) == 0 and s != T:
-            return Shard(j, True)
-        acc = nxt
+            if prod == L and strides[k - 1] == S:
+                return Shard(j)
     return Mixing("reshape mixes the sequence axis")
 
 
@@ -776,6 +942,20 @@ def _is_param_or_buffer(node: fx.Node) -> bool:
         "Parameter" in text
 
 
+def _from_stack(node: fx.Node) -> bool:
+    """Is the input a value Dynamo kept on the stack across a graph break (``___stack0``, or
+    an item of it): the result of the instruction that broke the graph?"""
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    for _ in range(16):
+        if src is None:
+            return False
+        name = getattr(src, "local_name", None)
+        if isinstance(name, str):
+            return name.startswith("___stack")
+        src = getattr(src, "base", None)
+    return False
+
+
 def _user_name(node: fx.Node) -> Optional[str]:
     ga = node.meta.get("grapharg")
     src = getattr(ga, "source", None)
@@ -795,7 +975,12 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "cumsum": Analyzer.cum, "cumprod": Analyzer.cum, "cummax": Analyzer.cum,
     "cummin": Analyzer.cum, "logcumsumexp": Analyzer.cum,
     "layer_norm": Analyzer.norm_layer, "rms_norm": Analyzer.norm_layer,
-    "group_norm": Analyzer.norm_layer,
+    "group_norm": Analyzer.group_norm,
+    "topk": Analyzer.dim_local, "sort": Analyzer.dim_local, "argsort": Analyzer.dim_local,
+    "glu": Analyzer.dim_local, "one_hot": Analyzer.one_hot,
+    "scatter": Analyzer.index_along, "scatter_add": Analyzer.index_along,
+    "gather": Analyzer.index_along, "index_select": Analyzer.index_along,
+    "index_add": Analyzer.index_along,
     "embedding": Analyzer.embedding, "normalize": Analyzer.last_dim_local,
     "size": Analyzer.size_query, "dim": Analyzer.size_query, "shape": Analyzer.size_query,
     "getattr": Analyzer.size_query,
@@ -805,8 +990,8 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "split": Analyzer.split, "chunk": Analyzer.split, "unbind": Analyzer.unbind,
     "cat": Analyzer.cat, "concat": Analyzer.cat, "concatenate": Analyzer.cat,
     "stack": Analyzer.stack, "expand": Analyzer.expand, "expand_as": Analyzer.expand,
-    "repeat_interleave": Analyzer.split,
-    "broadcast_to": Analyzer.expand, "repeat": Analyzer.expand,
+    "repeat_interleave": Analyzer.repeat_interleave,
+    "broadcast_to": Analyzer.expand, "repeat": Analyzer.repeat, "tile": Analyzer.repeat,
     "outer": Analyzer.outer, "ger": Analyzer.outer,
     "sdpa": Analyzer.sdpa, "conv1d": Analyzer.conv1d, "pad": Analyzer.pad,
     "cross_entropy": Analyzer.cross_entropy,

@@ -1,0 +1,211 @@
+"""Worker-side checks for tests/test_zoo4_dist.py: the hybrid long-context spellings of
+tests/models_zoo4.py on gloo ranks, each asserted in its outcome class (as in _checks_zoo2):
+
+(a) exact with zero fallbacks — outputs, input grads and summed parameter grads equal the
+    full-sequence eager run, and no spcompile warning;
+(b) exact with a fallback warning naming the op and the user's line;
+(c) a clear refusal — a SequenceParallelError whose text says what to do.
+
+Graph breaks are covered too: values crossing them keep their placement (``[B, H, T, d]``
+heads, a replicated loss), and what cannot cross is refused.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch._dynamo
+
+import spcompile
+import models_zoo4 as Z
+from _checks_zoo2 import _fallbacks, _kinds, compare
+
+FILE = "models_zoo4.py"
+
+
+def _floats(B, T, D=16):
+    return lambda: [torch.randn(B, T, D)]
+
+
+def _tokens(B, T, V=11, ignore=False):
+    def make():
+        ids, labels = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+        if ignore:
+            labels[0, :5] = -100
+            labels[1, T - 9:] = -100
+        return [ids, labels]
+    return make
+
+
+def _with_position_ids(B, T, D=16):
+    return lambda: [torch.randn(B, T, D), torch.arange(T).unsqueeze(0)]
+
+
+def exact(rank, P, rec, name, make_model, make_inputs=None, kinds=(), graphs=None, **kw):
+    be, msgs = compare(rank, P, rec, name, make_model, make_inputs, **kw)
+    rec.true(f"{name}: (a) zero fallbacks, no warning", not _fallbacks(be) and not msgs,
+             str(_fallbacks(be))[:400] + str(msgs)[:400])
+    rec.true(f"{name}: matched {sorted(kinds)}", set(kinds) <= set(_kinds(be)), str(_kinds(be)))
+    if graphs is not None:
+        rec.true(f"{name}: {graphs} graphs", len(be.reports) == graphs, str(len(be.reports)))
+    return be
+
+
+def gathered(rank, P, rec, name, make_model, make_inputs=None, ops=(), **kw):
+    be, msgs = compare(rank, P, rec, name, make_model, make_inputs, **kw)
+    fbs = _fallbacks(be)
+    ok = bool(fbs) and len(msgs) == len(fbs) and all(FILE in m for m in msgs) and \
+        all(any(op in f for f in fbs) for op in ops)
+    rec.true(f"{name}: (b) fallback warned {list(ops)} at {FILE}", ok, str(fbs)[:600])
+    return be
+
+
+def refused(rank, P, rec, name, make_model, make_inputs=None, text=(), T=32, B=2, **options):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    shards = [spcompile.shard_sequence(x, dim=1) for x in (make_inputs or _floats(B, T))()]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.compile(make_model(), backend=spcompile.backend(**options))(*shards)
+        rec.true(f"{name}: (c) refused", False, "no error raised")
+    except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
+        msg = str(e)
+        rec.true(f"{name}: (c) refused with {list(text)}",
+                 "SequenceParallelError" in msg and all(t in msg for t in text), msg[:800])
+
+
+# ---------------------------------------------------------------- (a) exact, no fallback
+def check_exact(rank, P, rec):
+    exact(rank, P, rec, "hybrid block + MoE FFN (scattered top-k, no data-dependent shapes)",
+          lambda: Z.JambaMoEBlock(spelling="dense"), kinds={"linear_scan", "reduction"})
+    exact(rank, P, rec, "HGRN2 ellipsis einsums '...Id,...Jd->...IJ'", Z.HGRN2Ellipsis,
+          kinds={"linear_scan"})
+    exact(rank, P, rec, "RetNet bmm over reshape(B*H, T, d) + GroupNorm on [B*T, D]",
+          Z.RetNetBmm, kinds={"linear_scan"})
+    exact(rank, P, rec, "tied embeddings, label smoothing, sum / (labels != -100).sum()",
+          lambda: Z.TiedCausalLM(loss="sum_over_count"), _tokens(2, 32, ignore=True),
+          kinds={"linear_scan", "reduction"})
+    exact(rank, P, rec, "HF Llama RoPE from position_ids passed in (sharded by the caller)",
+          Z.HFLlamaPositionIds, _with_position_ids(2, 32), kinds={"attention"})
+    exact(rank, P, rec, "HF Llama cache_position / position_ids made inside + causal mask",
+          lambda: Z.HFLlamaPositionIds(where="cache_position"),
+          kinds={"attention", "positions"})
+    exact(rank, P, rec, "reshape(B, T//2, 2, D).mean(2) + repeat_interleave(2, dim=1)",
+          Z.ChunkMeanPool)
+
+
+def check_graph_breaks(rank, P, rec):
+    """Values crossing graph breaks keep their placement: [B, H, T, d] heads (was guessed
+    from dim 1 and silently wrong), a replicated loss (its gradient was divided by P twice)."""
+    exact(rank, P, rec, "graph break between [B, H, T, d] heads and the attention",
+          Z.BreakBetweenHeads, kinds={"linear_scan"}, graphs=2)
+    exact(rank, P, rec, "global loss crossing a data-dependent branch", Z.BreakBetweenLosses,
+          kinds={"linear_scan", "reduction"}, graphs=2)
+    check_labels_after_break(rank, P, rec)
+    refused(rank, P, rec, "T×T scores crossing a graph break", Z.BreakAfterScores,
+            text=("leaves the compiled graph", FILE))
+    # its [n, D] survivors reach the next graph untagged (n is data-dependent; T/P = 32 ≠ D)
+    refused(rank, P, rec, "unpad h[mask] (data-dependent shape) then mean", Z.UnpadTokens,
+            T=64, text=("computed outside the compiled graphs", "mark_sequence"))
+
+
+def check_labels_after_break(rank, P, rec):
+    """A user input that is not sequence-shaped (class labels ``[B]``), first used after a
+    graph break, is replicated (not refused like a value eager code made there)."""
+    name = "class labels [B] first used after a graph break"
+    torch.manual_seed(0)
+    model = Z.BreakThenClassify()
+    x, labels = torch.randn(2, 32, 16), torch.tensor([0, 2])
+    xf = x.clone().requires_grad_()
+    h, loss = model(xf, labels)
+    w = torch.randn_like(h)
+    ((h * w).sum() + loss).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    sm = copy.deepcopy(model)
+    sm.zero_grad()
+    torch._dynamo.reset()
+    n = 32 // P
+    xs = spcompile.shard_sequence(x, dim=1).requires_grad_()
+    hs, ls = torch.compile(sm, backend=spcompile.backend())(xs, labels)
+    ((hs * w[:, rank * n:(rank + 1) * n]).sum() + ls).backward()
+    spcompile.sync_gradients(sm)
+    rec.close(f"{name}: loss", ls, loss)
+    rec.close(f"{name}: h", hs, h[:, rank * n:(rank + 1) * n])
+    rec.close(f"{name}: input grad", xs.grad, xf.grad[:, rank * n:(rank + 1) * n])
+    for pn, p in sm.named_parameters():
+        rec.close(f"{name}: grad {pn}", p.grad, ref[pn])
+
+
+# ---------------------------------------------------------------- (b) exact, with a fallback
+def check_gathered(rank, P, rec):
+    gathered(rank, P, rec, "xLSTM mLSTM parallel form (row max, |C.sum| normaliser)",
+             lambda: Z.MLSTMLayer(form="outer"), ops=("max", "sum", "matmul"))
+    gathered(rank, P, rec, "DeltaNet parallel form via solve_triangular", Z.DeltaNetSolve,
+             ops=("linalg_solve_triangular",))
+    gathered(rank, P, rec, "F.group_norm on [B, H, T, d]", Z.GroupNormHeadsOverTime,
+             ops=("group_norm",))
+    gathered(rank, P, rec, "F.normalize(x) with its default dim=1 (the sequence)",
+             Z.NormalizeDefaultDim, ops=("normalize",))
+    gathered(rank, P, rec, "F.pad + x.unfold(1, w, 1) local windows", Z.UnfoldLocalAttention,
+             ops=("pad",))
+    gathered(rank, P, rec, "x.repeat(1, 2, 1) tiling the sequence (was taken for a shard)",
+             Z.TileSequence, ops=("repeat",))
+    check_batchnorm(rank, P, rec)
+
+
+def check_batchnorm(rank, P, rec):
+    """Conformer conv module: pointwise convs and GLU are token-local, the depthwise conv a
+    halo; BatchNorm (training) gathers, and its running statistics and step counter advance
+    as on one device (``num_batches_tracked.add_(1)`` was dropped as dead code)."""
+    torch.manual_seed(1)
+    model = Z.BatchNormConvModule()
+    ref = copy.deepcopy(model)
+    be = gathered(rank, P, rec, "Conformer conv module with BatchNorm1d (training)",
+                  lambda: copy.deepcopy(ref), ops=("batch_norm",))
+    rec.true("Conformer: only batch_norm falls back (pointwise conv, GLU local; dw conv halo)",
+             all("batch_norm" in f for f in _fallbacks(be)) and "halo" in _kinds(be),
+             str(_fallbacks(be)) + str(_kinds(be)))
+    x = torch.randn(2, 32, 16)
+    ref(x)
+    torch._dynamo.reset()
+    sm = torch.compile(copy.deepcopy(model), backend=spcompile.backend())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm(spcompile.shard_sequence(x, dim=1))
+    bn, rbn = sm._orig_mod.bn, ref.bn
+    rec.true("Conformer: num_batches_tracked advanced",
+             int(bn.num_batches_tracked) == int(rbn.num_batches_tracked) == 1,
+             f"{int(bn.num_batches_tracked)} vs {int(rbn.num_batches_tracked)}")
+    rec.close("Conformer: running_mean", bn.running_mean, rbn.running_mean, 1e-5)
+    rec.close("Conformer: running_var", bn.running_var, rbn.running_var, 1e-5)
+
+
+# ---------------------------------------------------------------- (c) refusals
+def check_refused(rank, P, rec):
+    refused(rank, P, rec, "xLSTM reference form (cat + repeat(1, 1, 1, S + 1))",
+            lambda: Z.MLSTMLayer(form="repeat"), text=("recomputing it for the global",))
+    refused(rank, P, rec, "DeltaNet recurrence as a loop over tokens", Z.DeltaNetRecurrent,
+            text=("loop over", "@spcompile.linear_attention"))
+    # Mixtral's expert loop: torch.where(mask) breaks the graph; the experts' [n, D] inputs
+    # are tokens eager code picked (here n ≠ T/P, D ≠ T/P)
+    refused(rank, P, rec, "Mixtral expert loop (torch.where + index_add_)",
+            lambda: Z.JambaMoEBlock(spelling="hf"), T=64,
+            text=("graph break", "mark_sequence"))
+    import torch._dynamo.config as cfg
+    old = cfg.capture_dynamic_output_shape_ops
+    cfg.capture_dynamic_output_shape_ops = True
+    try:
+        refused(rank, P, rec, "Mixtral expert loop captured with dynamic output shapes",
+                lambda: Z.JambaMoEBlock(spelling="sel"), T=64,
+                text=("data-dependent shape", FILE))
+    finally:
+        cfg.capture_dynamic_output_shape_ops = old
+
+
+# ---------------------------------------------------------------- P = 4
+def check_p4(rank, P, rec):
+    """The replicated loss crossing a graph break: its gradient was off by a factor of P."""
+    exact(rank, P, rec, "global loss crossing a data-dependent branch", Z.BreakBetweenLosses,
+          kinds={"linear_scan", "reduction"}, graphs=2)
