@@ -170,6 +170,14 @@ class RetNetChunkLoop(nn.Module):
         return torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, -1)
 
 
+class _OneLinear(nn.Module):
+    """A loop model with one token-local projection ``self.lin``."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+
 # ---------------------------------------------------------------- loops spcompile must refuse
 class GRULoop(nn.Module):
     """A nonlinear recurrence (GRU cell in a loop): not affine in the state → refused."""
@@ -187,13 +195,9 @@ class GRULoop(nn.Module):
         return torch.stack(hs, 1)
 
 
-class CounterLoop(nn.Module):
+class CounterLoop(_OneLinear):
     """The body reads the loop counter as a number (``γ^t`` input weights): a rank's unrolled
     loop would restart the counter at 0 → refused."""
-
-    def __init__(self, d: int = 16):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
 
     def forward(self, x):
         h = self.lin(x)
@@ -225,12 +229,8 @@ class PartialBlockLoop(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-class UnbindLoop(nn.Module):
+class UnbindLoop(_OneLinear):
     """The token loop spelled ``for h_t in h.unbind(1)``."""
-
-    def __init__(self, d: int = 16):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
 
     def forward(self, x):
         h = self.lin(x)
@@ -291,12 +291,8 @@ class TwoMambaSlow(nn.Sequential):
         super().__init__(MambaSlowScan(d), MambaSlowScan(d))
 
 
-class PreallocLoop(nn.Module):
+class PreallocLoop(_OneLinear):
     """Outputs written into a preallocated tensor, ``out[:, t] = s`` (an in-place setitem)."""
-
-    def __init__(self, d: int = 16):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
 
     def forward(self, x):
         h = self.lin(x)
@@ -308,12 +304,8 @@ class PreallocLoop(nn.Module):
         return out
 
 
-class StackDim0Loop(nn.Module):
+class StackDim0Loop(_OneLinear):
     """``torch.stack(ys)`` along dim 0, then ``.transpose(0, 1)`` (common RNN code)."""
-
-    def __init__(self, d: int = 16):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
 
     def forward(self, x):
         h = torch.sigmoid(self.lin(x))

@@ -13,10 +13,17 @@ from .patterns import FailedMatch, Match, all_patterns
 from .pipeline import Ctx, register_pass
 
 
-@register_pass("detect")
-def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
-    """Find every pattern family's matches (and near misses, with reasons)."""
-    claimed = set()
+def _find_all(gm: fx.GraphModule, ctx: Ctx, claimed: set, out: list) -> list:
+    """Every family's new matches (anchors not in ``claimed``, which grows), appended to
+    ``out`` as they are found (``ctx.matches`` in detect: later families see what earlier ones
+    covered); near misses and ``@spcompile.exclude``d matches go to ``ctx.near_misses``."""
+    seen = {(f.pattern, f.node) for f in ctx.near_misses}
+
+    def miss(f: FailedMatch) -> None:
+        if (f.pattern, f.node) not in seen:
+            seen.add((f.pattern, f.node))
+            ctx.near_misses.append(f)
+
     for pattern in all_patterns():
         for found in pattern.find(gm, ctx):
             if isinstance(found, Match):
@@ -24,15 +31,42 @@ def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                     continue
                 excluded = match_excluded(found)
                 if excluded is not None:  # @spcompile.exclude: leave it to the fallback
-                    ctx.near_misses.append(FailedMatch(found.pattern, found.anchor,
-                                                       f"inside excluded function {excluded}"))
+                    miss(FailedMatch(found.pattern, found.anchor,
+                                     f"inside excluded function {excluded}"))
                     continue
                 claimed.add(found.anchor)
                 found.info.setdefault("_pattern", pattern)
-                ctx.matches.append(found)
+                out.append(found)
             elif isinstance(found, FailedMatch):  # None: not this family at all
-                ctx.near_misses.append(found)
-    _drop_matches_inside_loops(ctx)
+                miss(found)
+    return out
+
+
+def _outside_loops(matches: list, ctx: Ctx) -> list:
+    """A Python loop over tokens/blocks is rewritten as a whole (``loop_recurrence``): what
+    other families found inside its body (a block's masked form, a block's positions) are
+    per-step computations on local data, not sequence ops. → the matches to keep."""
+    inside = set()
+    for m in matches:
+        if m.kind == "loop_scan":
+            inside |= set(m.nodes)
+    if not inside:
+        return matches
+    ctx.near_misses[:] = [f for f in ctx.near_misses if f.node not in inside]
+    keep = []
+    for m in matches:
+        if m.kind != "loop_scan" and (m.anchor in inside or set(m.nodes) & inside):
+            ctx.near_misses.append(FailedMatch(m.pattern, m.anchor, "inside the body of a "
+                                               "Python loop rewritten as a whole"))
+        else:
+            keep.append(m)
+    return keep
+
+
+@register_pass("detect")
+def detect(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    """Find every pattern family's matches (and near misses, with reasons)."""
+    ctx.matches[:] = _outside_loops(_find_all(gm, ctx, set(), ctx.matches), ctx)
     _drop_matches_downstream_of_global_regions(ctx)
     return gm
 
@@ -46,46 +80,9 @@ def redetect(gm: fx.GraphModule, ctx: Ctx) -> None:
     from .sequence_axis import analyze
     analyze(gm, ctx)
     claimed = {m.anchor for m in ctx.matches}
-    seen = {(f.pattern, f.node) for f in ctx.near_misses}
-    new = []
-    for pattern in all_patterns():
-        for found in pattern.find(gm, ctx):
-            if isinstance(found, Match):
-                if found.anchor in claimed or match_excluded(found) is not None:
-                    continue
-                claimed.add(found.anchor)
-                found.info.setdefault("_pattern", pattern)
-                new.append(found)
-            elif isinstance(found, FailedMatch) and (found.pattern, found.node) not in seen:
-                ctx.near_misses.append(found)
-    loops = [m for m in new if m.kind == "loop_scan"]
-    inside = set().union(*(set(m.nodes) for m in loops)) if loops else set()
-    for m in new:
-        if m.kind != "loop_scan" and (m.anchor in inside or set(m.nodes) & inside):
-            continue
+    for m in _outside_loops(_find_all(gm, ctx, claimed, []), ctx):
         choose(m, ctx)
         ctx.matches.append(m)
-
-
-def _drop_matches_inside_loops(ctx: Ctx) -> None:
-    """A Python loop over tokens/blocks is rewritten as a whole (``loop_recurrence``): what
-    other families found inside its body (a block's masked form, a block's positions) are
-    per-step computations on local data, not sequence ops."""
-    loops = [m for m in ctx.matches if m.kind == "loop_scan"]
-    if not loops:
-        return
-    inside = set()
-    for m in loops:
-        inside |= set(m.nodes)
-    ctx.near_misses[:] = [f for f in ctx.near_misses if f.node not in inside]
-    keep = []
-    for m in ctx.matches:
-        if m.kind != "loop_scan" and (m.anchor in inside or set(m.nodes) & inside):
-            ctx.near_misses.append(FailedMatch(m.pattern, m.anchor, "inside the body of a "
-                                               "Python loop rewritten as a whole"))
-        else:
-            keep.append(m)
-    ctx.matches[:] = keep
 
 
 def _drop_matches_downstream_of_global_regions(ctx: Ctx) -> None:

@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from .. import ops as spops
-from .graph_utils import canonical_name, run_node_on_values, set_meta, tensor_val, val
+from .graph_utils import (canonical_name, run_node_on_values, seq_span, set_meta, tensor_val,
+                          tiles_axis, val)
 from .pipeline import Ctx, register_pass, source_line
 from .sequence_axis import ELEMENTWISE, Pair, Partial, Replicate, Shard, analyze
 
@@ -495,19 +496,22 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
     compute the first shard's chunks on every rank. Refuse it, loudly."""
     why = [f.reason for f in ctx.near_misses if f.pattern == "loop_recurrence"]
     why = (f" Not rewritten as a loop with a carried state: {why[0]}." if why else "")
+
+    def refuse(what: str):
+        raise SequenceParallelError(
+            f"spcompile: {what}: a Python loop over tokens or chunks, unrolled with this rank's "
+            f"local count. spcompile cannot make it sequence parallel by gathering.{why} Write "
+            f"the layer in a supported form (masked quadratic, segsum, cumsum), or declare it "
+            f"with @spcompile.linear_attention / @spcompile.ssm_scan.")
+
     for node, reason in ctx.mixing.items():
         # ``for h_t in h.unbind(1)`` / ``h.split(C, 1)``: gathered, the pieces would be the
         # global sequence's, and the unrolled loop reads only as many as this rank has
         if canonical_name(node) in ("unbind", "split") and reason.endswith(
                 "along the sequence axis") and any(canonical_name(u) == "getitem"
                                                    for u in node.users):
-            raise SequenceParallelError(
-                f"spcompile: {canonical_name(node)} along the sharded sequence axis at "
-                f"{source_line(node) or node.name}, its pieces used one by one: a Python loop "
-                f"over tokens or chunks, unrolled with this rank's local count. spcompile cannot "
-                f"make it sequence parallel by gathering.{why} Write the layer in a supported "
-                f"form (masked quadratic, segsum, cumsum), or declare it with "
-                f"@spcompile.linear_attention / @spcompile.ssm_scan.")
+            refuse(f"{canonical_name(node)} along the sharded sequence axis at "
+                   f"{source_line(node) or node.name}, its pieces used one by one")
     by_source: dict = {}
     for node, reason in ctx.mixing.items():
         if canonical_name(node) == "getitem" and reason in _INDEXING and node.users:
@@ -515,42 +519,10 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
     T = ctx.seq_len
     for src, nodes in by_source.items():
         p = ctx.placements.get(src)
-        spans = [_seq_span(n, p.dim, T) for n in nodes] if isinstance(p, Shard) else []
-        spans = sorted(sp for sp in spans if sp is not None)
-        covered, tiles = 0, len(spans) >= 2
-        for a, b in spans:  # blocks of a loop tile [0, T_local) exactly
-            tiles = tiles and a == covered and b > a
-            covered = b
-        if len(nodes) >= 3 or (tiles and covered == T):
-            raise SequenceParallelError(
-                f"spcompile: {len(nodes)} slices/indexes along the sharded sequence axis of one "
-                f"value (first at {source_line(nodes[0]) or nodes[0].name}): a Python loop over "
-                f"tokens or chunks, unrolled with this rank's local count. spcompile cannot make "
-                f"it sequence parallel by gathering.{why} Write the layer in a supported form (masked "
-                f"quadratic, segsum, cumsum), or declare it with @spcompile.linear_attention / "
-                f"@spcompile.ssm_scan.")
-
-
-def _seq_span(node: fx.Node, dim: int, T: int):
-    """The [start, stop) a getitem takes along ``dim`` of a length-``T`` axis (None: unknown)."""
-    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    d = 0
-    for i in idx:
-        if i is None:
-            continue
-        if i is Ellipsis:
-            return None
-        if d == dim:
-            if isinstance(i, int):
-                i = i % T
-                return (i, i + 1)
-            if isinstance(i, slice) and i.step in (None, 1) and all(
-                    isinstance(b, (int, type(None))) for b in (i.start, i.stop)):
-                a, b, _ = i.indices(T)
-                return (a, b)
-            return None
-        d += 1
-    return None
+        spans = [seq_span(n, p.dim, T) for n in nodes] if isinstance(p, Shard) else []
+        if len(nodes) >= 3 or tiles_axis([sp for sp in spans if sp is not None], T):
+            refuse(f"{len(nodes)} slices/indexes along the sharded sequence axis of one value "
+                   f"(first at {source_line(nodes[0]) or nodes[0].name})")
 
 
 def _check_output_shapes(gm: fx.GraphModule, ctx: Ctx, before: list) -> None:

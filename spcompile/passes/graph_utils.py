@@ -35,6 +35,40 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))
 
 
+def seq_span(node: fx.Node, dim: int, T: int):
+    """The [start, stop) a getitem takes along ``dim`` of a length-``T`` axis (None: unknown)."""
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    d = 0
+    for i in idx:
+        if i is None:
+            continue
+        if i is Ellipsis:
+            return None
+        if d == dim:
+            if isinstance(i, int):
+                i = i % T
+                return (i, i + 1)
+            if isinstance(i, slice) and i.step in (None, 1) and all(
+                    isinstance(b, (int, type(None))) for b in (i.start, i.stop)):
+                a, b, _ = i.indices(T)
+                return (a, b)
+            return None
+        d += 1
+    return None
+
+
+def tiles_axis(spans, T: int) -> bool:
+    """Do the distinct ``[start, stop)`` spans (at least two) tile ``[0, T)`` exactly (the
+    blocks of a Python loop over the sequence)?"""
+    spans = sorted(set(spans))
+    covered = 0
+    for a, b in spans:
+        if a != covered or b <= a:
+            return False
+        covered = b
+    return len(spans) >= 2 and covered == T
+
+
 def tensor_val(node: Any) -> Optional[torch.Tensor]:
     v = val(node)
     return v if isinstance(v, torch.Tensor) else None

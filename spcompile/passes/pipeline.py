@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,12 @@ class Ctx:
                         node.meta[key] = origin.meta[key]
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_dir() -> str:
+    import torch
+    return os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
 def _source_line(node: Optional[fx.Node]) -> Optional[str]:
     """'file.py:12  code' of the user line a node came from (last frame of its stack trace)."""
     if node is None:
@@ -107,8 +114,7 @@ def _source_line(node: Optional[fx.Node]) -> Optional[str]:
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             frames.append((path, f"{os.path.basename(path)}:{lineno}  {code}"))
     # the innermost frame outside torch itself (F.pad's body is torch's line, not the user's)
-    import torch
-    inside = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    inside = _torch_dir()
     user = [f for p, f in frames if not os.path.abspath(p).startswith(inside)]
     return user[0] if user else (frames[0][1] if frames else None)
 

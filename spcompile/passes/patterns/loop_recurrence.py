@@ -25,8 +25,8 @@ The rewrite computes, next to the loop, a copy of the chain from zero (``S_loc``
 part on ones (``D``), all-gathers them (``P`` states each way: LASP-2's hand-off), folds the
 earlier ranks' ``(D, S_loc)`` into the state entering this rank (starting from the root's value,
 so a learned ``h0`` enters on rank 0 only), and feeds that to the loop in place of the root.
-Uses of the final state after the loop get the fold over all ranks (the global final state). Gradients flow through the fold
-and the all-gather (its backward is a reduce-scatter).
+Uses of the final state after the loop get the fold over all ranks (the global final state).
+Gradients flow through the fold and the all-gather (its backward is a reduce-scatter).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_utils import ancestors, arg, canonical_name, set_meta, shape, tensor_val
+from ..graph_utils import (ancestors, arg, canonical_name, seq_span, set_meta, shape, tensor_val,
+                           tiles_axis)
 from ..pipeline import Ctx, source_line
 from ..sequence_axis import Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
@@ -52,10 +53,6 @@ _CONST_FACTORIES = {"zeros", "zeros_like", "new_zeros", "ones", "ones_like", "ne
 _CASTS = {"to", "float", "double", "half", "bfloat16", "type_as", "clone", "contiguous"}
 _AFFINE = {"add", "sub", "mul", "div", "neg"} | _CASTS
 _COMBINE = {"stack", "cat", "concat", "concatenate"}
-
-
-def _tensor_inputs(n: fx.Node) -> List[fx.Node]:
-    return [a for a in n.all_input_nodes if tensor_val(a) is not None]
 
 
 def _state_operand_ok(u: fx.Node, s: fx.Node) -> bool:
@@ -86,11 +83,6 @@ def _flat(x):
         yield x
         for a in x:
             yield from _flat(a)
-
-
-def _span(node: fx.Node, dim: int, T: int) -> Optional[Tuple[int, int]]:
-    from ..fallback import _seq_span
-    return _seq_span(node, dim, T)
 
 
 def _fold_states(root, S_loc, D, group_name: str):
@@ -149,7 +141,7 @@ class LoopRecurrence(Pattern):
             p = pl.get(node.args[0])
             if not isinstance(p, Shard) or p.merged:
                 continue
-            sp = _span(node, p.dim, T)
+            sp = seq_span(node, p.dim, T)
             if sp is not None:
                 by_src.setdefault(node.args[0], []).append((node, sp))
         # ``for h_t in h.unbind(1)`` / ``for blk in h.split(C, dim=1)``: the pieces are the reads
@@ -182,15 +174,9 @@ class LoopRecurrence(Pattern):
                 by_src[node] = rs
         groups: Dict[tuple, Dict[fx.Node, Tuple[int, int]]] = {}
         for src, rs in by_src.items():
-            spans = sorted(set(sp for _, sp in rs))
-            covered = 0
-            tiles = len(spans) >= 2
-            for a, b in spans:
-                tiles = tiles and a == covered and b > a
-                covered = b
-            if tiles and covered == T:
-                g = groups.setdefault(tuple(spans), {})
-                g.update(dict(rs))
+            spans = [sp for _, sp in rs]
+            if tiles_axis(spans, T):
+                groups.setdefault(tuple(sorted(set(spans))), {}).update(dict(rs))
         for spans, reads in groups.items():
             # a source computed from this group's reads belongs to a later loop (the next
             # layer, fed by this loop's outputs): found once this loop is rewritten
@@ -223,21 +209,15 @@ class LoopRecurrence(Pattern):
                 L.shape_reads.add(r)
         L.spans = list(spans)
 
-        # nodes downstream of the reads (shape-only uses do not carry data)
-        dep: Set[fx.Node] = set()
-        for n in gm.graph.nodes:
-            if n in L.reads and n not in L.shape_reads:
-                dep.add(n)
-            elif canonical_name(n) not in _SHAPE_ONLY and any(a in dep for a in n.all_input_nodes):
-                dep.add(n)
-
-        # the latest step each node has read (through any input)
+        # the latest step each node has read (through any input; shape-only uses carry no
+        # data); the nodes downstream of the reads are those with one
         mstep: Dict[fx.Node, int] = {}
         for n in gm.graph.nodes:
             if n in L.reads and n not in L.shape_reads:
                 mstep[n] = L.reads[n]
             elif canonical_name(n) not in _SHAPE_ONLY:
                 mstep[n] = max((mstep.get(a, -1) for a in n.all_input_nodes), default=-1)
+        dep = {n for n, k in mstep.items() if k >= 0}
 
         # state chains: from a replicated root, the path of affine-diagonal updates that reaches
         # the latest step (then the longest): a readout of the same shape is a side branch
@@ -388,7 +368,7 @@ class LoopRecurrence(Pattern):
         # every node that reads tokens belongs to that step; a node that only reads carried
         # states (a cast, s[:, None]) belongs to the step that uses it
         views: List[fx.Node] = []
-        view_set: Set[fx.Node] = set()
+        view_owner: Dict[fx.Node, Optional[int]] = {}  # view → step of the state it reads
         for n in gm.graph.nodes:
             if n in state_nodes or n in L.reads or n in L.combiners:
                 continue
@@ -398,12 +378,12 @@ class LoopRecurrence(Pattern):
             ow: Set[int] = set()
             from_state = False
             for a in n.all_input_nodes:
-                if a in state_nodes or a in view_set:
+                if a in state_nodes or a in view_owner:
                     from_state = True
                     if a in chain_step:
                         ow.add(chain_step[a])
-                    elif a in view_set and a.meta.get("_loop_owner") is not None:
-                        ow.add(a.meta["_loop_owner"])
+                    elif view_owner.get(a) is not None:
+                        ow.add(view_owner[a])
                 elif a in L.body:
                     ow.add(L.body[a])
             if len(ow) > 1:
@@ -415,8 +395,7 @@ class LoopRecurrence(Pattern):
                             f"step is understood)")
             if from_state:
                 views.append(n)
-                view_set.add(n)
-                n.meta["_loop_owner"] = next(iter(ow)) if ow else None
+                view_owner[n] = next(iter(ow)) if ow else None
             elif ow:
                 L.body[n] = next(iter(ow))
         for r in L.reads:
@@ -426,7 +405,7 @@ class LoopRecurrence(Pattern):
             L.body[c] = chain_step[c]
         for n in reversed(views):
             used = {L.body[u] for u in n.users if u in L.body}
-            own = n.meta.pop("_loop_owner", None)
+            own = view_owner[n]
             if used:
                 L.body[n] = min(used)
             elif own is not None:
@@ -509,8 +488,7 @@ class LoopRecurrence(Pattern):
                 return fail(f"{n.name} of loop step {k} is used after the loop by {u.name}")
         covered = set(L.body) | set(L.combiners) | set(L.reads) | state_nodes | \
             {r.args[0] for r in L.reads if L.read_dim[r] is None}
-        z0, c0 = L.chains[0]
-        return Match(self.kind, self.name, c0[0], nodes=covered,
+        return Match(self.kind, self.name, L.chains[0][1][0], nodes=covered,
                      info={"steps": L.n, "states": len(L.chains),
                            "step_tokens": spans[0][1] - spans[0][0],
                            "only_strategy": "allgather", "_loop": L,
