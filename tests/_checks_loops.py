@@ -66,11 +66,49 @@ def check_refusals(rank, P, rec):
             ["loop over", "step number"])
     refused(rank, P, rec, "blocks that do not tile the shards alike", ML.PartialBlockLoop,
             ["loop over"])
-    refused(rank, P, rec, "outputs written in place, out[:, t] = s", ML.PreallocLoop,
-            ["loop over"])
+    refused(rank, P, rec, "in-place writes into a tensor that is not fresh (h.clone())",
+            ML.WriteIntoCloneLoop, ["loop over", "not a fresh tensor"])
+    refused(rank, P, rec, "the output buffer read inside the loop", ML.ReadBufferInLoop,
+            ["loop over", "before the loop has written all of it"])
+
+
+def check_inplace_outputs(rank, P, rec):
+    exact(rank, P, rec, "out = zeros_like(h); out[:, t] = s", ML.PreallocLoop, T=4 * P)
+    exact(rank, P, rec, "y = torch.empty(B, T, D); y[:, t, :] = f(s); proj(y)",
+          ML.EmptyWriteLoop, T=4 * P)
+    exact(rank, P, rec, "x.new_zeros; y[:, i*C:(i+1)*C] = block", ML.NewZerosBlockWrite,
+          T=12 * P)
+    exact(rank, P, rec, "[B, D, L] scan, y = zeros_like(u); y[:, :, t] = ...",
+          ML.ChannelFirstWriteScan, T=4 * P, compiler="eager")  # softplus: see above
+    exact(rank, P, rec, "out = empty_like(h); out[:, t].copy_(...)", ML.CopyIntoSliceLoop,
+          T=4 * P)
+    exact(rank, P, rec, "time-major outputs = zeros(T, B, D); outputs[t] = h",
+          ML.TimeMajorWriteLoop, T=4 * P)
+
+
+def check_exclusive_outputs(rank, P, rec):
+    exact(rank, P, rec, "exclusive o_t = q_t S_(t-1), then the update", ML.ExclusiveMatrixLoop,
+          T=4 * P)
+    exact(rank, P, rec, "exclusive state-only readout tanh(s) before the update",
+          ML.ExclusiveStateReadout, T=4 * P)
+    exact(rank, P, rec, "readout of the state before and after the update", ML.BeforeAfterLoop,
+          T=4 * P)
+    exact(rank, P, rec, "state-only readout s_prev + s", ML.BeforeAfterStateOnly, T=4 * P)
+    exact(rank, P, rec, "exclusive output written in place, y[:, t] = q_t S_(t-1)",
+          ML.ExclusiveWriteLoop, T=4 * P)
 
 
 def check_p4(rank, P, rec):
+    exact(rank, P, rec, "y = torch.empty(B, T, D); y[:, t, :] = f(s); proj(y)",
+          ML.EmptyWriteLoop, T=4 * P)
+    exact(rank, P, rec, "x.new_zeros; y[:, i*C:(i+1)*C] = block", ML.NewZerosBlockWrite,
+          T=12 * P)
+    exact(rank, P, rec, "exclusive o_t = q_t S_(t-1), then the update", ML.ExclusiveMatrixLoop,
+          T=4 * P)
+    exact(rank, P, rec, "readout of the state before and after the update", ML.BeforeAfterLoop,
+          T=4 * P)
+    exact(rank, P, rec, "exclusive output written in place, y[:, t] = q_t S_(t-1)",
+          ML.ExclusiveWriteLoop, T=4 * P)
     exact(rank, P, rec, "mamba_ssm selective_scan_ref ([B, D, L], einsums, new_zeros)",
           ML.MambaRefScan, T=4 * P, compiler="eager")
     exact(rank, P, rec, "lightning attention-2 block loop", ML.LightningBlockLoop, T=12 * P)

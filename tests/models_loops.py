@@ -359,3 +359,205 @@ class MambaRefScan(nn.Module):
         y, _ = selective_scan_ref(x, delta, -torch.exp(self.A_log), Bm.transpose(1, 2),
                                   Cm.transpose(1, 2), self.D, z)
         return self.out_proj(y.transpose(1, 2))
+
+
+# ---------------------------------------------------------------- outputs written in place
+class EmptyWriteLoop(_OneLinear):
+    """``y = torch.empty(B, T, D)`` before the loop, ``y[:, t, :] = f(s)`` in it, a projection
+    after it (minimal-mamba / simple RNN LM code)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__(d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        a = torch.sigmoid(self.lin(x))
+        s = torch.zeros(B, D)
+        y = torch.empty(B, T, D)
+        for t in range(T):
+            s = a[:, t] * s + x[:, t]
+            y[:, t, :] = torch.tanh(s) * x[:, t]
+        return self.out(y)
+
+
+class NewZerosBlockWrite(nn.Module):
+    """A block loop writing ``y[:, i*C:(i+1)*C] = ...`` into ``x.new_zeros(...)``."""
+
+    def __init__(self, d: int = 16, block: int = 4):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.block = block
+
+    def forward(self, x):
+        h = self.lin(x)
+        C = self.block
+        s = x.new_zeros(x.shape[0], x.shape[2])
+        y = x.new_zeros(x.shape)
+        for i in range(x.shape[1] // C):
+            blk = h[:, i * C:(i + 1) * C]
+            y[:, i * C:(i + 1) * C] = blk.cumsum(1) + s[:, None]
+            s = s * 0.5 + blk.sum(1)
+        return y
+
+
+class ChannelFirstWriteScan(nn.Module):
+    """A selective scan on ``[B, D, L]`` tensors writing ``y[:, :, t] = ...`` into
+    ``torch.zeros_like(u)`` (S4/S5-style recurrent views), with ``copy_`` for half the channels'
+    skip term: ``y[:, :, t].add_`` is not used, only assignment."""
+
+    def __init__(self, d: int = 16, n: int = 4):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.dt = nn.Linear(d, d)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1.0)).repeat(d, 1))
+        self.Bp = nn.Parameter(torch.randn(d, n) * 0.3)
+        self.Cp = nn.Parameter(torch.randn(d, n) * 0.3)
+
+    def forward(self, x):
+        u = self.inp(x).transpose(1, 2)  # [B, D, L]
+        dt = F.softplus(self.dt(x)).transpose(1, 2)
+        dA = torch.exp(dt[..., None] * -torch.exp(self.A_log)[:, None])  # [B, D, L, N]
+        dBu = (dt * u)[..., None] * self.Bp[:, None]
+        h = u.new_zeros(u.shape[0], u.shape[1], self.A_log.shape[1])
+        y = torch.zeros_like(u)
+        for t in range(u.shape[2]):
+            h = dA[:, :, t] * h + dBu[:, :, t]
+            y[:, :, t] = (h * self.Cp).sum(-1)
+        return y.transpose(1, 2)
+
+
+class CopyIntoSliceLoop(_OneLinear):
+    """``out[:, t].copy_(s)`` (a copy into a view of the preallocated output)."""
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros(x.shape[0], x.shape[2])
+        out = torch.empty_like(h)
+        for t in range(x.shape[1]):
+            s = 0.9 * s + h[:, t]
+            out[:, t].copy_(s * h[:, t])
+        return out
+
+
+# ---------------------------------------------------------------- exclusive outputs
+class ExclusiveMatrixLoop(nn.Module):
+    """Output read BEFORE the update (``o_t = q_t S_{t-1}``, ``S_t = γ S_{t-1} + k_tᵀ v_t``):
+    the exclusive form of retention / linear attention."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        S = torch.zeros(x.shape[0], x.shape[2], x.shape[2])
+        ys = []
+        for t in range(x.shape[1]):
+            ys.append((q[:, t, None] @ S)[:, 0])
+            S = 0.9 * S + k[:, t, :, None] * v[:, t, None, :]
+        return torch.stack(ys, dim=1)
+
+
+class ExclusiveStateReadout(_OneLinear):
+    """A readout of the state only, taken before the update (``ys.append(tanh(s))`` then
+    ``s = a_t s + x_t``)."""
+
+    def forward(self, x):
+        a = torch.sigmoid(self.lin(x))
+        s = torch.zeros(x.shape[0], x.shape[2])
+        ys = []
+        for t in range(x.shape[1]):
+            ys.append(torch.tanh(s))
+            s = a[:, t] * s + x[:, t]
+        return torch.stack(ys, dim=1)
+
+
+class BeforeAfterLoop(_OneLinear):
+    """Outputs that combine the state before and after the update: a trapezoid readout
+    ``0.5 (s_{t-1} + s_t)`` and ``q_t · (s_t - s_{t-1})``."""
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros(x.shape[0], x.shape[2])
+        ys = []
+        for t in range(x.shape[1]):
+            prev = s
+            s = 0.8 * s + h[:, t]
+            ys.append(0.5 * (prev + s) + x[:, t] * (s - prev))
+        return torch.stack(ys, dim=1)
+
+
+class BeforeAfterStateOnly(_OneLinear):
+    """``ys.append(s_prev + s)``: state-only readout of both states."""
+
+    def forward(self, x):
+        a = torch.sigmoid(self.lin(x))
+        s = torch.zeros(x.shape[0], x.shape[2])
+        ys = []
+        for t in range(x.shape[1]):
+            prev = s
+            s = a[:, t] * s + x[:, t]
+            ys.append(prev + s)
+        return torch.stack(ys, dim=1)
+
+
+class ExclusiveWriteLoop(nn.Module):
+    """Exclusive outputs written in place: ``y[:, t] = q_t S_{t-1}`` then the update."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        S = torch.zeros(x.shape[0], x.shape[2], x.shape[2])
+        y = torch.zeros_like(x)
+        for t in range(x.shape[1]):
+            y[:, t] = torch.einsum("bd,bde->be", q[:, t], S)
+            S = 0.9 * S + torch.einsum("bd,be->bde", k[:, t], v[:, t])
+        return y
+
+
+class WriteIntoCloneLoop(_OneLinear):
+    """Outputs written into ``h.clone()`` (not a fresh tensor): refused."""
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros(x.shape[0], x.shape[2])
+        y = h.clone()
+        for t in range(x.shape[1]):
+            s = 0.9 * s + h[:, t]
+            y[:, t] = s
+        return y
+
+
+class ReadBufferInLoop(_OneLinear):
+    """The output buffer read inside the loop (``y[:, t] = s`` then ``y[:, t] * 2``): refused."""
+
+    def forward(self, x):
+        h = self.lin(x)
+        s = torch.zeros(x.shape[0], x.shape[2])
+        y = torch.zeros_like(h)
+        outs = []
+        for t in range(x.shape[1]):
+            s = 0.9 * s + h[:, t]
+            y[:, t] = s
+            outs.append(y.sum(1))
+        return torch.stack(outs, 1) + y
+
+
+class TimeMajorWriteLoop(_OneLinear):
+    """Time-major RNN code: ``outputs = torch.zeros(T, B, D)``, ``outputs[t] = h`` over
+    ``x.transpose(0, 1)``, transposed back after the loop."""
+
+    def forward(self, x):
+        xs = x.transpose(0, 1)  # [T, B, D]
+        a = torch.sigmoid(self.lin(xs))
+        T, B, D = xs.shape
+        h = torch.zeros(B, D)
+        outputs = torch.zeros(T, B, D)
+        for t in range(T):
+            h = a[t] * h + (1 - a[t]) * xs[t]
+            outputs[t] = h
+        return outputs.transpose(0, 1)

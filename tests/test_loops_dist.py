@@ -7,7 +7,8 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_token_loops", "check_block_loops", "check_refusals"]
+P2 = ["check_token_loops", "check_block_loops", "check_refusals", "check_inplace_outputs",
+      "check_exclusive_outputs"]
 P4 = ["check_p4"]
 
 

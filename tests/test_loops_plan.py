@@ -69,3 +69,45 @@ def test_in_process_values_match_eager_at_p1():
     torch._dynamo.reset()
     got = torch.compile(m, backend=spcompile.backend())(x)
     torch.testing.assert_close(got, m(x))
+
+
+def _placement_of_buffers(gm):
+    return [str(n.meta.get("spcompile_placement")) for n in gm.graph.nodes
+            if any(u.op == "call_function" and u.target is operator.setitem
+                   and u.args[0] is n for u in n.users)]
+
+
+@pytest.mark.parametrize("model,dim", [(ML.EmptyWriteLoop, 1), (ML.TimeMajorWriteLoop, 0),
+                                       (ML.NewZerosBlockWrite, 1)])
+def test_buffer_written_in_place_is_sharded_on_its_sequence_axis(model, dim):
+    rep = _plan(model(), T=12)
+    assert [m.kind for m in rep.matches] == ["loop_scan"] and not rep.fallbacks
+    places = _placement_of_buffers(rep.graph)
+    assert places == [f"S({dim})"], places
+
+
+def test_exclusive_readout_rebuilds_the_dead_update_from_this_ranks_last_token():
+    # the last step's update reads tokens nothing else reads: rebuilt as local reads, which no
+    # other family may take for a global index (h[:, -1] from the owning rank)
+    for model in (ML.ExclusiveStateReadout, ML.ExclusiveMatrixLoop):
+        rep = _plan(model(), T=6)
+        assert [m.kind for m in rep.matches] == ["loop_scan"] and not rep.fallbacks
+
+
+@pytest.mark.parametrize("model,words", [
+    (ML.WriteIntoCloneLoop, "not a fresh tensor"),
+    (ML.ReadBufferInLoop, "before the loop has written all of it"),
+])
+def test_in_place_writes_that_cannot_be_taken_say_why(model, words):
+    with pytest.raises(Exception) as e:
+        _plan(model(), T=8, P=2)
+    assert "loop over" in str(e.value) and words in str(e.value)
+
+
+def test_in_place_and_exclusive_loops_match_eager_at_p1():
+    for model in (ML.EmptyWriteLoop, ML.ExclusiveWriteLoop, ML.BeforeAfterStateOnly):
+        torch.manual_seed(0)
+        m = model()
+        x = torch.randn(2, 6, 16)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, backend=spcompile.backend())(x), m(x))

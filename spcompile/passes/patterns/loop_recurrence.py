@@ -37,8 +37,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_utils import (ancestors, arg, canonical_name, seq_span, set_meta, shape, tensor_val,
-                           tiles_axis)
+from ..graph_utils import (ancestors, arg, canonical_name, mutates, seq_span, set_meta, shape,
+                           tensor_val, tiles_axis)
 from ..pipeline import Ctx, source_line
 from ..sequence_axis import Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
@@ -75,6 +75,70 @@ def _state_operand_ok(u: fx.Node, s: fx.Node) -> bool:
     if name in ("div",) and (len(u.args) > 2 or u.kwargs):
         return False  # rounding modes
     return True
+
+
+def _missing_last(spans, T: int) -> Optional[tuple]:
+    """Spans (at least two, of one length ``C``) that tile ``[0, T - C)``: the reads of a
+    value only the state update uses, whose last step's update Dynamo dropped (the final state
+    is dead; an exclusive readout ``ys.append(f(s)); s = a_t s + b_t`` needs no token of the last
+    step). → all the steps' spans, the missing last one added; None otherwise."""
+    spans = sorted(set(spans))
+    lens = {b - a for a, b in spans}
+    if len(spans) < 2 or len(lens) != 1:
+        return None
+    C = lens.pop()
+    end = spans[-1][1]
+    if end + C != T or not tiles_axis(spans + [(end, T)], T):
+        return None
+    return tuple(spans) + ((end, T),)
+
+
+# fresh tensors an output buffer may be (its content before the loop's writes is overwritten)
+_FRESH = {"empty", "zeros", "ones", "full", "new_empty", "new_zeros", "new_ones", "new_full",
+          "empty_like", "zeros_like", "ones_like", "full_like"}
+
+
+def _write_index(idx, sh: tuple, T: int, spans: Dict[Tuple[int, int], int], want: Optional[int]):
+    """A write ``y[idx] = v`` into a buffer of shape ``sh``: → (dim, step, pattern) when exactly
+    one entry (the one on dim ``want`` if given) takes a loop step's span of a length-``T`` axis;
+    ``pattern`` is the index with that entry reduced to its kind (the same for every step)."""
+    idx = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(isinstance(i, (fx.Node, bool)) or not (i is None or i is Ellipsis or
+                                                  isinstance(i, (int, slice))) for i in idx):
+        return None
+    if any(isinstance(i, slice) and not all(isinstance(b, (int, type(None)))
+                                            for b in (i.start, i.stop, i.step)) for i in idx):
+        return None
+    if idx.count(Ellipsis) > 1:
+        return None
+    if Ellipsis in idx:
+        e = idx.index(Ellipsis)
+        used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        idx[e:e + 1] = [slice(None)] * (len(sh) - used)
+    cands, d = [], 0
+    for j, i in enumerate(idx):
+        if i is None:
+            continue
+        if d >= len(sh):
+            return None
+        if i != slice(None) and sh[d] == T:
+            if isinstance(i, int):
+                sp = (i % T, i % T + 1)
+            elif i.step in (None, 1):
+                a, b, _ = i.indices(T)
+                sp = (a, b)
+            else:
+                sp = None
+            if sp in spans:
+                cands.append((d, j, spans[sp]))
+        d += 1
+    if want is not None:
+        cands = [c for c in cands if c[0] == want]
+    if len(cands) != 1:
+        return None
+    d, j, k = cands[0]
+    pattern = tuple(type(i).__name__ if n == j else repr(i) for n, i in enumerate(idx))
+    return d, k, pattern
 
 
 def _flat(x):
@@ -123,6 +187,11 @@ class _Loop:
         self.after: Dict[fx.Node, fx.Node] = {}  # after-loop node → final state it reads
         self.n = 0
         self.synth: Set[int] = set()  # chains whose last-step update Dynamo dropped (dead)
+        # outputs written in place: y[:, t] = v (setitem) or y[:, t].copy_(v)
+        self.writes: Dict[fx.Node, int] = {}  # setitem / copy_ → step
+        self.write_views: Dict[fx.Node, int] = {}  # the y[:, t] a copy_ writes into → step
+        self.write_key: Dict[fx.Node, tuple] = {}  # write / view → (buffer, length, index)
+        self.buffers: Dict[fx.Node, int] = {}  # buffer written → its sequence dim
 
 
 class LoopRecurrence(Pattern):
@@ -177,6 +246,10 @@ class LoopRecurrence(Pattern):
             spans = [sp for _, sp in rs]
             if tiles_axis(spans, T):
                 groups.setdefault(tuple(sorted(set(spans))), {}).update(dict(rs))
+            else:
+                full = _missing_last(spans, T)
+                if full is not None:  # read by the last step's (dead) update only
+                    groups.setdefault(full, {}).update(dict(rs))
         for spans, reads in groups.items():
             # a source computed from this group's reads belongs to a later loop (the next
             # layer, fed by this loop's outputs): found once this loop is rewritten
@@ -198,6 +271,10 @@ class LoopRecurrence(Pattern):
         L = _Loop()
         L.n = len(spans)
         step_of_span = {sp: k for k, sp in enumerate(spans)}
+        why = self._find_writes(gm, ctx, L, step_of_span, order)
+        if why:
+            return fail(why)
+        reads = {r: sp for r, sp in reads.items() if r not in L.write_views}
         for r, sp in reads.items():
             L.reads[r] = step_of_span[sp]
             L.read_len[r] = sp[1] - sp[0]
@@ -222,6 +299,7 @@ class LoopRecurrence(Pattern):
         # state chains: from a replicated root, the path of affine-diagonal updates that reaches
         # the latest step (then the longest): a readout of the same shape is a side branch
         memo: Dict[fx.Node, Tuple[int, int, List[fx.Node]]] = {}
+        banned: Set[fx.Node] = set()  # updates found to use another state-dependent value
 
         def longest(s: fx.Node) -> Tuple[int, int, List[fx.Node]]:
             if s in memo:
@@ -229,7 +307,7 @@ class LoopRecurrence(Pattern):
             memo[s] = (mstep.get(s, -1), 0, [])
             best = memo[s]
             for u in sorted(s.users, key=order.get):
-                if _state_operand_ok(u, s):
+                if u not in banned and _state_operand_ok(u, s):
                     reach_u, n_u, path_u = longest(u)
                     cand = (max(reach_u, mstep.get(u, -1)), n_u + 1, [u] + path_u)
                     if cand[:2] > best[:2]:
@@ -237,42 +315,45 @@ class LoopRecurrence(Pattern):
             memo[s] = best
             return best
 
-        in_chain: Set[fx.Node] = set()
-        for z in gm.graph.nodes:
-            if z in in_chain or z in dep or z.op == "output" or tensor_val(z) is None:
-                continue
-            if not isinstance(ctx.placements.get(z), Replicate) and \
-                    canonical_name(z) not in _CONST_FACTORIES:
-                continue
-            if not tensor_val(z).dtype.is_floating_point:
-                continue
-            if not any(_state_operand_ok(u, z) for u in z.users):
-                continue
-            chain = longest(z)[2]
-            if trims.get(z):
-                chain = chain[:-trims[z]]
-            if len(chain) < L.n or not any(c in dep for c in chain):
-                continue
-            L.chains.append((z, chain))
-            in_chain |= set(chain)
-        if not L.chains:
-            return fail("no carried state: no replicated initial value updated by an affine "
-                        "elementwise chain across the steps")
-        # a chain's other operands must not depend on any state; a chain that fails this is
-        # dropped (e.g. the next layer's loop, fed by this loop's outputs: found after this
-        # loop's rewrite), and if its nodes then read across steps, the body check refuses
+        # a chain's other operands must not depend on any state. An update that fails this is
+        # taken out and the chains are found again: a readout after the last update that
+        # combines two states (0.5 * (s_prev + s)) is then no update, and a chain that ends too
+        # soon is dropped (e.g. the next layer's loop, fed by this loop's outputs: found after
+        # this loop's rewrite; if its nodes then read across steps, the body check refuses)
         first_bad = None
         while True:
-            in_chain = set().union(*(set(c) for _, c in L.chains)) if L.chains else set()
+            memo.clear()
+            L.chains = []
+            in_chain: Set[fx.Node] = set()
+            for z in gm.graph.nodes:
+                if z in in_chain or z in dep or z.op == "output" or tensor_val(z) is None:
+                    continue
+                if not isinstance(ctx.placements.get(z), Replicate) and \
+                        canonical_name(z) not in _CONST_FACTORIES:
+                    continue
+                if not tensor_val(z).dtype.is_floating_point:
+                    continue
+                if not any(u not in banned and _state_operand_ok(u, z) for u in z.users):
+                    continue
+                chain = longest(z)[2]
+                if trims.get(z):
+                    chain = chain[:-trims[z]]
+                if len(chain) < L.n or not any(c in dep for c in chain):
+                    continue
+                L.chains.append((z, chain))
+                in_chain |= set(chain)
+            if not L.chains:
+                return fail(first_bad or "no carried state: no replicated initial value updated "
+                                         "by an affine elementwise chain across the steps")
             state_nodes = in_chain | {z for z, _ in L.chains}
             reach: Set[fx.Node] = set(state_nodes)
             for n in gm.graph.nodes:
                 if n not in reach and canonical_name(n) not in _SHAPE_ONLY and \
                         any(a in reach for a in n.all_input_nodes):
                     reach.add(n)
-            keep = []
+            new_bad = set()
             for z, chain in L.chains:
-                prev, ok = z, True
+                prev = z
                 for c in chain:
                     bad = [a for a in c.all_input_nodes if a is not prev and a in reach]
                     if bad:
@@ -280,16 +361,12 @@ class LoopRecurrence(Pattern):
                             f"the state update {c.name} ({canonical_name(c)}) also uses "
                             f"{bad[0].name}, which depends on a carried state: the recurrence "
                             f"is not affine in its state")
-                        ok = False
+                        new_bad.add(c)
                         break
                     prev = c
-                if ok:
-                    keep.append((z, chain))
-            if len(keep) == len(L.chains):
+            if not new_bad:
                 break
-            L.chains = keep
-        if not L.chains:
-            return fail(first_bad or "no carried state")
+            banned |= new_bad
         roots = {z for z, _ in L.chains}
         chain_of: Dict[fx.Node, Tuple[int, int]] = {}
         for ci, (z, chain) in enumerate(L.chains):
@@ -304,7 +381,7 @@ class LoopRecurrence(Pattern):
             if n in L.reads:
                 rtag[n] = frozenset() if n in L.shape_reads else frozenset({L.reads[n]})
                 continue
-            if n in roots or canonical_name(n) in _SHAPE_ONLY or \
+            if n in roots or canonical_name(n) in _SHAPE_ONLY or n in L.write_views or \
                     n.op in ("placeholder", "get_attr", "output"):
                 rtag[n] = frozenset()
                 continue
@@ -312,6 +389,12 @@ class LoopRecurrence(Pattern):
             for a in n.all_input_nodes:
                 if a not in state_nodes and a not in L.combiners:
                     rt |= rtag.get(a, frozenset())
+            if n in L.writes:  # the value written at step k's span is step k's
+                if rt - {L.writes[n]}:
+                    return fail(f"{canonical_name(n)} at {source_line(n) or n.name} writes a "
+                                f"value of another loop step into step {L.writes[n]}'s tokens")
+                rtag[n] = frozenset({L.writes[n]})
+                continue
             if n in in_chain:
                 if len(rt) > 1:
                     return fail(f"the state update {n.name} reads tokens of several steps")
@@ -386,16 +469,18 @@ class LoopRecurrence(Pattern):
                         ow.add(view_owner[a])
                 elif a in L.body:
                     ow.add(L.body[a])
-            if len(ow) > 1:
-                if canonical_name(n) in _COMBINE:
-                    L.combiners[n] = -1
-                    continue
+            if len(ow) > 1 and canonical_name(n) in _COMBINE:
+                L.combiners[n] = -1
+                continue
+            if len(ow) > 1 and not from_state:
                 return fail(f"{canonical_name(n)} at {source_line(n) or n.name} combines "
                             f"values of several loop steps (only a stack/cat of one value per "
                             f"step is understood)")
             if from_state:
+                # a readout of the states (several: the state before and after an update,
+                # s_prev + s): the step is settled below, and the fingerprints check it
                 views.append(n)
-                view_owner[n] = next(iter(ow)) if ow else None
+                view_owner[n] = max(ow) if ow else None
             elif ow:
                 L.body[n] = next(iter(ow))
         for r in L.reads:
@@ -403,11 +488,24 @@ class LoopRecurrence(Pattern):
                 L.body[r] = L.reads[r]
         for c in in_chain:
             L.body[c] = chain_step[c]
+        for v, k in L.write_views.items():
+            L.body[v] = k
+        # a readout of the states that goes straight into a stack/cat (or a write) belongs to
+        # the step of its place there: tanh(s) taken before the update (an exclusive output)
+        # is step k's, though the state it reads is step k - 1's
+        place: Dict[fx.Node, int] = {}
+        for cmb in L.combiners:
+            tensors = cmb.args[0] if cmb.args else cmb.kwargs.get("tensors")
+            if isinstance(tensors, (list, tuple)) and len(tensors) == L.n:
+                for i, t in enumerate(tensors):
+                    place.setdefault(t, i)
         for n in reversed(views):
             used = {L.body[u] for u in n.users if u in L.body}
             own = view_owner[n]
             if used:
                 L.body[n] = min(used)
+            elif n in place:
+                L.body[n] = place[n]
             elif own is not None:
                 L.body[n] = own
 
@@ -457,7 +555,8 @@ class LoopRecurrence(Pattern):
         fps = [self._fingerprints(per_step[k], k, L, chain_of, chain_step) for k in range(L.n)]
         ref_last = fps[0]
         if L.synth:  # the last step is step 0 without its (dead) update
-            live = {n for n in per_step[0] if any(u in L.combiners for u in n.users)}
+            live = {n for n in per_step[0] if n in L.writes or
+                    any(u in L.combiners for u in n.users)}
             for n in reversed(per_step[0]):
                 if n in live:
                     live |= {a for a in n.all_input_nodes if a in per_step[0]}
@@ -487,12 +586,70 @@ class LoopRecurrence(Pattern):
                     continue
                 return fail(f"{n.name} of loop step {k} is used after the loop by {u.name}")
         covered = set(L.body) | set(L.combiners) | set(L.reads) | state_nodes | \
+            set(L.writes) | set(L.write_views) | \
             {r.args[0] for r in L.reads if L.read_dim[r] is None}
         return Match(self.kind, self.name, L.chains[0][1][0], nodes=covered,
                      info={"steps": L.n, "states": len(L.chains),
                            "step_tokens": spans[0][1] - spans[0][0],
                            "only_strategy": "allgather", "_loop": L,
                            "form": "Python loop with a carried state (unrolled)"})
+
+    @staticmethod
+    def _find_writes(gm, ctx: Ctx, L: _Loop, spans: Dict[Tuple[int, int], int],
+                     order: Dict[fx.Node, int]) -> Optional[str]:
+        """Outputs written in place, ``y[:, t] = v`` / ``y[:, t].copy_(v)`` into a buffer made
+        before the loop: each step writes its own span of the buffer's sequence axis, so the
+        writes of this rank's steps fill this rank's shard of ``y`` (the buffer is sharded
+        there). Fills ``L.writes``; → why the loop's writes cannot be taken, or None."""
+        T = ctx.seq_len
+        per_buf: Dict[fx.Node, List[Tuple[fx.Node, Optional[fx.Node], int, int]]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is operator.setitem:
+                base, idx, view = n.args[0], n.args[1], None
+            elif canonical_name(n) == "copy_" and n.args and \
+                    canonical_name(n.args[0]) == "getitem" and len(n.args[0].users) == 1:
+                view = n.args[0]
+                base, idx = view.args[0], view.args[1]
+            else:
+                continue
+            if not isinstance(base, fx.Node) or shape(base) is None:
+                continue
+            p = ctx.placements.get(base)
+            want = p.dim if isinstance(p, Shard) else None
+            w = _write_index(idx, shape(base), T, spans, want)
+            if w is None:
+                continue
+            d, k, pattern = w
+            per_buf.setdefault(base, []).append((n, view, d, k))
+            L.write_key[n] = (base.name, pattern)
+            if view is not None:
+                L.write_key[view] = (base.name, pattern)
+        for base, ws in per_buf.items():
+            where = source_line(ws[0][0]) or ws[0][0].name
+            p = ctx.placements.get(base)
+            if canonical_name(base) not in _FRESH:
+                return (f"outputs written in place into {base.name} ({where}), which is not a "
+                        f"fresh tensor made before the loop (torch.empty / zeros / new_zeros / "
+                        f"zeros_like ...)")
+            if len({d for *_, d, _ in ws}) != 1 or (p is not None and not isinstance(
+                    p, (Shard, Replicate))) or (isinstance(p, Shard) and p.merged):
+                return (f"the in-place writes into {base.name} ({where}) do not all write along "
+                        f"one sequence axis of the buffer")
+            if {k for *_, k in ws} != set(range(L.n)):
+                return (f"the in-place writes into {base.name} ({where}) do not fill the span "
+                        f"of every loop step")
+            mine = {w for w, *_ in ws} | {v for _, v, *_ in ws if v is not None}
+            last = max(order[w] for w, *_ in ws)
+            for u in base.users:
+                if u not in mine and order[u] < last:
+                    return (f"{u.name} ({canonical_name(u)}) uses the output buffer {base.name} "
+                            f"({where}) before the loop has written all of it")
+            for w, view, d, k in ws:
+                L.writes[w] = k
+                if view is not None:
+                    L.write_views[view] = k
+            L.buffers[base] = ws[0][2]
+        return None
 
     @staticmethod
     def _fingerprints(nodes, k, L: _Loop, chain_of, chain_step) -> List[tuple]:
@@ -527,6 +684,12 @@ class LoopRecurrence(Pattern):
                 idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
                 out.append(("read", src.name, L.read_len[n], repr(tuple(
                     type(i).__name__ if isinstance(i, (int, slice)) else repr(i) for i in idx))))
+                continue
+            if n in L.write_views:  # y[:, t] of y[:, t].copy_(v)
+                out.append(("write view",) + L.write_key[n])
+                continue
+            if n in L.writes and n.target is operator.setitem:  # y[:, t] = v
+                out.append(("write",) + L.write_key[n] + (ref(n.args[2:]), ref(dict(n.kwargs))))
                 continue
             out.append((n.op, str(n.target), ref(n.args), ref(dict(n.kwargs))))
         return out
@@ -582,6 +745,8 @@ class LoopRecurrence(Pattern):
             n.meta["spcompile_placement"] = Replicate()
         for n, d in L.combiners.items():
             n.meta["spcompile_placement"] = Shard(d)
+        for n, d in L.buffers.items():  # written in place: this rank's steps fill its shard
+            n.meta["spcompile_placement"] = Shard(d)
         _stable_toposort(g)
         # what reads the loop's output (the next layer) was analysed as per-step values: find
         # its families now that the output is known to be sharded
@@ -629,6 +794,7 @@ class LoopRecurrence(Pattern):
                     return other
             n = g.call_function(operator.getitem, (src, step))
             set_meta(n)
+            n.meta["spcompile_placement"] = Replicate()  # this rank's token, not a global index
             return n
         idx = list(r.args[1] if isinstance(r.args[1], tuple) else (r.args[1],))
         a, b = L.spans[step]
@@ -646,6 +812,7 @@ class LoopRecurrence(Pattern):
                 return other
         n = g.call_function(operator.getitem, (src, new_idx))
         set_meta(n)
+        n.meta["spcompile_placement"] = Replicate()  # this rank's tokens, not a global index
         return n
 
     @staticmethod
@@ -678,9 +845,24 @@ def _stable_toposort(g: fx.Graph) -> None:
     (the entering state is computed after the loop's reads, and the loop must follow it)."""
     nodes = list(g.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
+    # an in-place write (y[:, t] = v, y[:, t].copy_(v)) stays after every earlier use of the
+    # tensor it writes and before every later one, though no edge says so
+    after: Dict[fx.Node, List[fx.Node]] = {n: list(n.users) for n in nodes}
+    for n in nodes:
+        if not mutates(n) or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        bases = {n.args[0]}
+        if canonical_name(n.args[0]) == "getitem" and isinstance(n.args[0].args[0], fx.Node):
+            bases.add(n.args[0].args[0])
+        for b in bases:
+            for u in b.users:
+                if pos[u] > pos[n] and u not in after[n]:
+                    after[n].append(u)
+                elif pos[u] < pos[n] and n not in after[u]:
+                    after[u].append(n)
     indeg = {n: 0 for n in nodes}
     for n in nodes:
-        for u in n.users:
+        for u in after[n]:
             indeg[u] += 1
     heap = [(pos[n], n.name, n) for n in nodes if indeg[n] == 0]
     heapq.heapify(heap)
@@ -688,7 +870,7 @@ def _stable_toposort(g: fx.Graph) -> None:
     while heap:
         _, _, n = heapq.heappop(heap)
         order.append(n)
-        for u in n.users:
+        for u in after[n]:
             indeg[u] -= 1
             if indeg[u] == 0:
                 heapq.heappush(heap, (pos[u], u.name, u))
