@@ -184,6 +184,7 @@ class SPBackend:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.reports: List[Any] = []  # one explain.Report per compiled graph
+        self._eager_warned: set = set()  # functions Dynamo runs eagerly (warned)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         from .explain import Report
@@ -195,8 +196,12 @@ class SPBackend:
             print(report)
         fn = _delegate(self.opts.compiler)(gm, example_inputs)
         if ctx.world_size > 1:  # values crossing graph breaks keep their placement
-            from .boundary import input_tags, output_tags, tagging
-            fn = tagging(fn, output_tags(gm, ctx), input_tags(gm, ctx), ctx.seq_len)
+            from .boundary import input_tags, output_tags, tagging, warn_eager_frames
+            warn_eager_frames(self._eager_warned)
+            fn = tagging(fn, output_tags(gm, ctx), input_tags(gm, ctx), ctx.seq_len, ctx.tokens)
+            if ctx.rows_frame:  # token by token (checked): no need to recompile per row count
+                from .boundary import eager_after_first_run, frame_code
+                fn = eager_after_first_run(fn, frame_code())
         return fn
 
     def __repr__(self) -> str:

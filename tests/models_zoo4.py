@@ -46,15 +46,21 @@ class SparseMoE(nn.Module):
     ``idx, top_x = torch.where(expert_mask[e])`` and ``index_add_``;
     ``"sel"``: ``torch.where(sel == e)`` on the ``[N, k]`` selection;
     ``"dense"``: every expert on every token, weighted by the (sparse) routing weights
-    (``scatter`` of the top-k weights into ``[N, E]``; no data-dependent shapes).
+    (``scatter`` of the top-k weights into ``[N, E]``; no data-dependent shapes);
+    ``"hit"``: newer HF Mixtral / Qwen-MoE, looping only over the experts some token chose
+    (``expert_mask.sum(dim=(-1, -2)).nonzero()``), with ``index_add_``;
+    ``"sorted"``: DeepSeek-MoE's ``argsort`` of the flattened choices, per-expert counts through
+    ``.tolist()`` and slices of the sorted tokens, then ``scatter`` back;
+    ``"boolmask"``: boolean indexing ``x[mask]`` per expert and ``out[mask] += ...``.
     Returns ``(y, router_logits)`` with ``router_logits: [B*T, E]`` as Mixtral does."""
 
     def __init__(self, d: int = 16, f: int = 24, n_experts: int = 4, top_k: int = 2,
-                 spelling: str = "hf"):
+                 spelling: str = "hf", expert: type = None):
         super().__init__()
         self.E, self.k, self.spelling = n_experts, top_k, spelling
+        expert = expert or Expert
         self.gate = nn.Linear(d, n_experts, bias=False)
-        self.experts = nn.ModuleList([Expert(d, f) for _ in range(n_experts)])
+        self.experts = nn.ModuleList([expert(d, f) for _ in range(n_experts)])
 
     def forward(self, hidden_states):
         B, T, D = hidden_states.shape
@@ -69,7 +75,33 @@ class SparseMoE(nn.Module):
             out = sum(dense[:, e, None] * self.experts[e](hidden_states) for e in range(self.E))
             return out.reshape(B, T, D), router_logits
         final = torch.zeros((B * T, D), dtype=hidden_states.dtype, device=hidden_states.device)
-        if self.spelling == "hf":
+        if self.spelling == "hit":
+            expert_mask = F.one_hot(selected, num_classes=self.E).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+            for e in expert_hit:
+                idx, top_x = torch.where(expert_mask[e].squeeze(0))
+                cur = self.experts[int(e)](hidden_states[top_x]) * routing_weights[top_x, idx, None]
+                final.index_add_(0, top_x, cur.to(hidden_states.dtype))
+        elif self.spelling == "sorted":
+            flat = selected.view(-1)
+            order = flat.argsort()
+            counts = torch.bincount(flat, minlength=self.E).tolist()
+            sorted_tokens = hidden_states[order // self.k]
+            outs, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    outs.append(self.experts[e](sorted_tokens[start:start + n]))
+                start += n
+            out_sorted = torch.cat(outs, dim=0)
+            back = torch.empty_like(out_sorted)
+            back[order] = out_sorted
+            final = (back.view(B * T, self.k, D) * routing_weights[..., None]).sum(dim=1)
+        elif self.spelling == "boolmask":
+            for e in range(self.E):
+                mask = (selected == e).any(dim=-1)
+                w = (routing_weights * (selected == e)).sum(dim=-1)
+                final[mask] += self.experts[e](hidden_states[mask]) * w[mask, None]
+        elif self.spelling == "hf":
             expert_mask = F.one_hot(selected, num_classes=self.E).permute(2, 1, 0)
             for e in range(self.E):
                 idx, top_x = torch.where(expert_mask[e])
@@ -99,18 +131,46 @@ class JambaMoEBlock(nn.Module):
     """A hybrid block: causal linear-attention mixer, then a routed MoE FFN; returns
     ``(h, aux_loss)`` (the aux loss is a mean over all tokens: a global value)."""
 
-    def __init__(self, d: int = 16, heads: int = 2, spelling: str = "hf"):
+    def __init__(self, d: int = 16, heads: int = 2, spelling: str = "hf", expert: type = None):
         super().__init__()
         self.h = heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
-        self.moe = SparseMoE(d, spelling=spelling)
+        self.moe = SparseMoE(d, spelling=spelling, expert=expert)
 
     def forward(self, x):
         h = x + _causal_linear_attention(self.ln1(x), self.qkv, self.h)
         y, router_logits = self.moe(self.ln2(h))
         aux = load_balancing_loss(router_logits, self.moe.E, self.moe.k)
         return h + y, aux
+
+
+class CenteringExpert(Expert):
+    """An expert that centres its rows over the tokens it got (a reduction across rows): with
+    the tokens split over ranks each rank sees only its part of them."""
+
+    def forward(self, x):
+        return super().forward(x - x.mean(dim=0, keepdim=True))
+
+
+class MoELM(nn.Module):
+    """Two hybrid blocks with MoE FFNs (an HF-style routed loop) over token ids, a summed
+    auxiliary loss and a next-token cross-entropy: what a Jamba-style training step computes."""
+
+    def __init__(self, vocab: int = 11, d: int = 16, spelling: str = "hf"):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([JambaMoEBlock(d, spelling=spelling) for _ in range(2)])
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids, labels):
+        h, aux = self.emb(ids), 0.0
+        for blk in self.blocks:
+            h, a = blk(h)
+            aux = aux + a
+        logits = self.head(h)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return loss + 0.01 * aux, logits
 
 
 # ---------------------------------------------------------------- 2. xLSTM mLSTM parallel form

@@ -7,7 +7,8 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_exact", "check_graph_breaks", "check_gathered", "check_refused"]
+P2 = ["check_exact", "check_graph_breaks", "check_gathered", "check_refused",
+      "check_moe_loops"]
 P4 = ["check_p4"]
 
 

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch.fx as fx
 
@@ -55,6 +55,9 @@ class Ctx:
     # filled by passes
     placements: Dict[fx.Node, Any] = field(default_factory=dict)
     seq_len: Optional[int] = None  # local length of the sharded sequence axis
+    # a frame eager code called with rank-local rows only (MoE experts): see sequence_axis
+    rows_frame: bool = False
+    tokens: Tuple[int, ...] = ()  # B*T_local of the sequence-shaped inputs
     matches: List[Any] = field(default_factory=list)
     near_misses: List[Any] = field(default_factory=list)
     fallbacks: List[Any] = field(default_factory=list)

@@ -42,8 +42,17 @@ class Shard:
     # merged: the stride (in elements of the merged dim) of the sequence factor inside it, e.g.
     # 1 for [B, T, D] → [B*T, D]; 0 = unknown (the sequence cannot be taken apart again)
     inner: int = 0
+    # rows: rank-local rows that eager code picked between compiled graphs (the tokens MoE
+    # routing sent to one expert): token-local ops only; nothing may reduce or mix them
+    rows: bool = False
+
+    def at(self, dim: int) -> "Shard":
+        """The same sequence axis (merged, stride, rows) at another dim."""
+        return Shard(dim, self.merged, self.inner, self.rows)
 
     def __str__(self) -> str:
+        if self.rows:
+            return f"Rows({self.dim})"
         return f"S({self.dim}{f',merged/{self.inner}' if self.merged else ''})"
 
 
@@ -132,14 +141,16 @@ class Analyzer:
 
     # -------------------------------------------------------- inputs
     def input_placement(self, index: int, node: fx.Node, example: Any,
-                        eager_made: bool = False) -> Placement:
+                        eager_made: bool = False, nested: bool = False) -> Placement:
         """An input's placement: an explicit mark (``input_seq_dims``, ``mark_sequence``), else
         the placement an earlier compiled graph gave the tensor when it returned it (a value
         crossing a graph break, see ``spcompile.boundary``), else ``Shard(seq_dim)`` when that
         dim has the sequence length, else replicated. ``eager_made``: the graph is the rest of a
         frame after a graph break and the input is the value the breaking instruction left on
         the stack (``torch.where(mask)``, ``h[mask]``, an opaque call): without a tag and
-        without the sequence length it is refused, not taken for replicated."""
+        without the sequence length it is refused, not taken for replicated. Such an input (or
+        one of a ``nested`` frame, see ``run_once``) whose dim 0 is a token count ``B*T_local``
+        of the sequence inputs is the flattened sequence (a ``[B*T, E]`` router output)."""
         from ..boundary import read_tag
         opts = self.ctx.options
         if not isinstance(example, torch.Tensor):
@@ -179,6 +190,11 @@ class Analyzer:
                 return Shard(d)
         if tag is not None:  # a graph was given it before: its placement there
             return tag[0]
+        if not explicit and (eager_made or nested) and self.ctx.world_size > 1 and \
+                example.dim() >= 1 and int(example.shape[0]) in self.token_counts():
+            return Shard(0, True, 1)  # [B*T_local, ...]: flattened tokens, batch-major
+        if nested and not explicit:
+            return R  # see run_once: rows, when no input is sequence-shaped
         if not explicit and eager_made and self.ctx.world_size > 1:
             from .fallback import SequenceParallelError
             raise SequenceParallelError(
@@ -200,6 +216,40 @@ class Analyzer:
                 f"input_seq_dims if that is wrong)")
         return R
 
+    def token_counts(self, own: bool = False) -> set:
+        """``B*T_local`` (also ``B*H*T_local`` for ``[B, H, T, d]``) of the sequence-shaped
+        inputs placed so far, else (unless ``own``) of the graph that ran last."""
+        from ..boundary import last_tokens
+        counts = set()
+        for n, p in self.pl.items():
+            s = shape(n)
+            if n.op == "placeholder" and isinstance(p, Shard) and not p.merged and \
+                    s is not None and p.dim < len(s):
+                counts.add(math.prod(int(x) for x in s[:p.dim + 1]))
+                counts.add(int(s[0]) * int(s[p.dim]))
+        return counts if counts or own else set(last_tokens())
+
+    def rows_inputs(self, placeholders: List[fx.Node], examples: List[Any]) -> None:
+        """A frame that eager code called in the middle of a compiled forward, with no
+        sequence-shaped input: its tensor inputs are rank-local rows that the eager code made
+        (``hidden[top_x]``, the tokens an MoE router sent to one expert), the same kind of value
+        the full-sequence run gives this function, only this rank's part. They are ``Rows`` on
+        their first dim longer than 1 (else dim 0): token-local ops keep them; anything that
+        reduces or mixes rows is refused (``check_rows``)."""
+        for n, ex in zip(placeholders, examples):
+            if not isinstance(ex, torch.Tensor) or ex.dim() == 0 or \
+                    isinstance(ex, torch.nn.Parameter) or _is_param_or_buffer(n) or \
+                    getattr(ex, "_spcompile_seq_dim", "unset") != "unset":
+                continue
+            dims = list(ex.shape[:-1]) if ex.dim() > 1 else list(ex.shape)
+            d = next((i for i, x in enumerate(dims) if int(x) > 1), 0)
+            self.pl[n] = Shard(d, True, 0, True)
+        self.ctx.rows_frame = True
+        self.ctx.seq_len = None
+        self.ctx.notes = [m for m in self.ctx.notes if "not sequence-shaped" not in m]
+        self.ctx.notes.append("a function eager code called with rank-local rows (no "
+                              "sequence-shaped input): run token by token as it is")
+
     # -------------------------------------------------------- main loop
     def run(self) -> Dict[fx.Node, Placement]:
         """Propagate; an ``arange(T)`` whose values end up combined with a sequence axis along
@@ -220,7 +270,8 @@ class Analyzer:
     def run_once(self) -> Dict[fx.Node, Placement]:
         self.pl, self.mixing, self.conflicts = {}, {}, {}
         self.ctx.mixing = self.mixing
-        from ..boundary import in_resume_frame, last_seq_len, read_tag
+        from ..boundary import called_from_compiled_frame, in_resume_frame, last_seq_len, \
+            read_tag
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         examples = list(self.ctx.example_inputs)
         examples = [examples[i] if i < len(examples) else val(n)
@@ -228,6 +279,10 @@ class Analyzer:
         produced = [not _is_param_or_buffer(n) and (read_tag(ex) or (0, 0, False))[2]
                     for n, ex in zip(placeholders, examples)]
         resume = self.ctx.world_size > 1 and in_resume_frame()
+        # a function the eager part of a compiled forward calls: its length is that forward's
+        nested = self.ctx.world_size > 1 and not resume and called_from_compiled_frame()
+        if nested and self.ctx.seq_len is None:
+            self.ctx.seq_len = last_seq_len()
         # values an earlier graph returned first: their placement fixes the sequence length
         # (after a graph break without one, the length of the graph that ran last does)
         order = sorted(range(len(placeholders)), key=lambda i: not produced[i])
@@ -236,7 +291,10 @@ class Analyzer:
                 self.ctx.seq_len = last_seq_len()
             self.pl[placeholders[i]] = self.input_placement(
                 i, placeholders[i], examples[i],
-                eager_made=resume and _from_stack(placeholders[i]))
+                eager_made=resume and _from_stack(placeholders[i]), nested=nested)
+        if nested and not any(isinstance(self.pl[n], Shard) for n in placeholders):
+            self.rows_inputs(placeholders, examples)
+        self.ctx.tokens = tuple(sorted(self.token_counts(own=True)))
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -367,7 +425,7 @@ class Analyzer:
                 else:
                     return Mixing("non-linear op on a partial sum")
             elif isinstance(p, Shard):
-                q = Shard(p.dim + out_nd - nd, p.merged, p.inner)
+                q = p.at(p.dim + out_nd - nd)
             elif isinstance(p, Pair):
                 q = Pair(p.d0 + out_nd - nd, p.d1 + out_nd - nd)
             else:
@@ -376,7 +434,8 @@ class Analyzer:
                 res = q
             elif res != q:
                 if isinstance(res, Shard) and isinstance(q, Shard) and res.dim == q.dim:
-                    res = Shard(res.dim, res.merged or q.merged, res.inner or q.inner)
+                    res = Shard(res.dim, res.merged or q.merged, res.inner or q.inner,
+                                res.rows or q.rows)
                 elif isinstance(res, Pair) and isinstance(q, Shard) and q.dim in (res.d0, res.d1):
                     pass
                 elif isinstance(q, Pair) and isinstance(res, Shard) and res.dim in (q.d0, q.d1):
@@ -411,9 +470,9 @@ class Analyzer:
             return Mixing(f"{name} over the sequence", "replicate")
         if isinstance(val(node), tuple):  # max(dim) returns (values, indices)
             new = p.dim - sum(1 for d in red if d < p.dim) if not keep else p.dim
-            return Shard(new, p.merged, p.inner)
+            return p.at(new)
         new = p.dim if keep else p.dim - sum(1 for d in red if d < p.dim)
-        return Shard(new, p.merged, p.inner)
+        return p.at(new)
 
     def getitem(self, node: fx.Node) -> Placement:
         x, idx = node.args[0], node.args[1]
@@ -439,7 +498,7 @@ class Analyzer:
             if i is Ellipsis:
                 skip = len(sh) - n_real
                 if in_dim <= p.dim < in_dim + skip:
-                    res = Shard(out_dim + (p.dim - in_dim), p.merged, p.inner)
+                    res = p.at(out_dim + (p.dim - in_dim))
                 in_dim += skip
                 out_dim += skip
             elif i is None:
@@ -453,13 +512,13 @@ class Analyzer:
                     full = slice(None).indices(sh[in_dim])
                     if i.indices(sh[in_dim]) != full:
                         return Mixing("slice of the sequence axis", p.dim)
-                    res = Shard(out_dim, p.merged, p.inner)
+                    res = p.at(out_dim)
                 in_dim += 1
                 out_dim += 1
             else:
                 return Mixing(f"index {i!r}")
         if res is None and p.dim >= in_dim:
-            res = Shard(out_dim + (p.dim - in_dim), p.merged, p.inner)
+            res = p.at(out_dim + (p.dim - in_dim))
         return res if res is not None else Mixing("index dropped the sequence axis")
 
     def reshape(self, node: fx.Node) -> Placement:
@@ -478,7 +537,7 @@ class Analyzer:
         nd = _nd(x)
         dims = [_norm(d, nd) for d in dims]
         if isinstance(p, Shard):
-            return Shard(dims.index(p.dim), p.merged, p.inner)
+            return p.at(dims.index(p.dim))
         if isinstance(p, Pair):
             return Pair(dims.index(p.d0), dims.index(p.d1))
         return p
@@ -501,7 +560,7 @@ class Analyzer:
         p = self.get(x)
         d = _norm(arg(node, 1, "dim"), _nd(node))
         if isinstance(p, Shard):
-            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged, p.inner)
+            return p.at(p.dim + (1 if d <= p.dim else 0))
         return p
 
     def squeeze(self, node: fx.Node) -> Placement:
@@ -540,15 +599,15 @@ class Analyzer:
         if isinstance(ra, tuple) and isinstance(rb, tuple):
             if ra[1] != rb[1]:
                 return Mixing("matmul operands sharded on different batch dims")
-            return Shard(no + ra[1], pa.merged, pa.inner)
+            return pa.at(no + ra[1])
         if isinstance(ra, tuple) and rb is None:
-            return Shard(no + ra[1], pa.merged, pa.inner)
+            return pa.at(no + ra[1])
         if isinstance(rb, tuple) and ra is None:
-            return Shard(no + rb[1], pb.merged, pb.inner)
+            return pb.at(no + rb[1])
         if ra == "row" and rb is None:
-            return Shard(no - 2, pa.merged, pa.inner)
+            return pa.at(no - 2)
         if rb == "col" and ra is None:
-            return Shard(no - 1, pb.merged, pb.inner)
+            return pb.at(no - 1)
         return Mixing("matmul with mixed sharding")
 
     def linear(self, node: fx.Node) -> Placement:
@@ -686,7 +745,7 @@ class Analyzer:
         p = self.get(x)
         d = _norm(arg(node, 1, "dim", 0), _nd(x))
         if isinstance(p, Shard) and p.dim != d:
-            return Shard(p.dim - (1 if d < p.dim else 0), p.merged, p.inner)
+            return p.at(p.dim - (1 if d < p.dim else 0))
         if isinstance(p, (Replicate, Partial)):
             return p
         return Mixing("unbind along the sequence axis", d)
@@ -711,14 +770,14 @@ class Analyzer:
         ps = [self.get(t) for t in tensors]
         if all(isinstance(q, Shard) and q == ps[0] for q in ps):
             p = ps[0]
-            return Shard(p.dim + (1 if d <= p.dim else 0), p.merged, p.inner)
+            return p.at(p.dim + (1 if d <= p.dim else 0))
         return Mixing("stack of mixed placements")
 
     def expand(self, node: fx.Node) -> Placement:
         x = node.args[0]
         p = self.get(x)
         if isinstance(p, Shard):
-            return Shard(p.dim + _nd(node) - _nd(x), p.merged, p.inner)
+            return p.at(p.dim + _nd(node) - _nd(x))
         return p
 
     def repeat(self, node: fx.Node) -> Placement:
@@ -735,7 +794,7 @@ class Analyzer:
         d = p.dim + out - _nd(x)
         if reps[d] != 1:
             return Mixing("repeat along the sequence axis", d)
-        return Shard(d, p.merged, p.inner)
+        return p.at(d)
 
     def flatten(self, node: fx.Node) -> Placement:
         return self.reshape(node)
@@ -744,9 +803,9 @@ class Analyzer:
         """outer(a, b) = a[:, None] * b[None, :] (RoPE angles from positions)."""
         pa, pb = self.get(node.args[0]), self.get(node.args[1])
         if isinstance(pa, Shard) and isinstance(pb, Replicate):
-            return Shard(0, pa.merged, pa.inner)
+            return pa.at(0)
         if isinstance(pb, Shard) and isinstance(pa, Replicate):
-            return Shard(1, pb.merged, pb.inner)
+            return pb.at(1)
         if isinstance(pa, Shard) and isinstance(pb, Shard):
             return Pair(0, 1)
         return Mixing(f"outer of {pa} and {pb}")
@@ -786,7 +845,7 @@ class Analyzer:
             x = node.args[0]
             p = self.get(x)
             if isinstance(p, Shard) and p.dim != 1:
-                return Shard(p.dim if p.dim == 0 else p.dim - 1, p.merged, p.inner)
+                return p.at(p.dim if p.dim == 0 else p.dim - 1)
             return Mixing("cross_entropy over the sequence axis")
         return Mixing(f"cross_entropy with reduction={red!r}", "replicate")
 
@@ -1005,12 +1064,55 @@ def analyze(gm: fx.GraphModule, ctx: Ctx) -> Dict[fx.Node, Placement]:
     return pl
 
 
+def _rows(p: Placement) -> bool:
+    return isinstance(p, Shard) and p.rows
+
+
+def check_rows(gm: fx.GraphModule, ctx: Ctx) -> None:
+    """In a frame of rank-local rows (``Analyzer.rows_inputs``) every value computed from the
+    rows must stay rows: a sum, mean, sort or scan over them, or anything that mixes them,
+    would see only this rank's part of what the full-sequence run sees, so it is refused."""
+    from .fallback import SequenceParallelError
+    from .pipeline import source_line
+    pl = ctx.placements
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or \
+                not any(_rows(pl.get(a)) for a in node.all_input_nodes):
+            continue
+        if canonical_name(node) in CREATION:
+            continue
+        v = val(node)
+        tensors = v if isinstance(v, (tuple, list)) else (v,)
+        if node not in ctx.mixing and not any(isinstance(t, torch.Tensor) for t in tensors):
+            continue
+        if node not in ctx.mixing and _rows(pl.get(node)):
+            continue
+        raise SequenceParallelError(
+            f"spcompile: {canonical_name(node)} at {source_line(node) or node.name} combines "
+            f"rows across tokens, but this function was called by eager code with rank-local "
+            f"rows only (no input has this rank's sequence length {last_seq_len_str()}): e.g. "
+            f"the tokens an MoE router sent to one expert, picked with torch.where between "
+            f"compiled graphs. Each rank holds only its own rows, so a reduction or mix over "
+            f"them differs from the full-sequence run. Keep such a function token by token "
+            f"(reduce in the caller over sequence-shaped values), route the experts without "
+            f"data-dependent shapes, or mark a sequence-shaped input with "
+            f"spcompile.mark_sequence(t, dim).")
+
+
+def last_seq_len_str() -> str:
+    from ..boundary import last_seq_len
+    n = last_seq_len()
+    return "unknown" if n is None else str(n)
+
+
 @register_pass("sequence_axis")
 def sequence_axis(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Placement (Shard/Replicate/Partial/Pair/Mixing) of every value."""
     analyze(gm, ctx)
+    if ctx.rows_frame:
+        check_rows(gm, ctx)
     for node, p in ctx.placements.items():
         node.meta["spcompile_placement_str"] = str(p)
-    if ctx.world_size > 1 and ctx.seq_len is None:
+    if ctx.world_size > 1 and ctx.seq_len is None and not ctx.rows_frame:
         ctx.notes.append("no sequence-shaped input found: nothing is sharded")
     return gm
