@@ -1,6 +1,9 @@
 """Pass 1 — canonicalize: many spellings, one vocabulary.
 
+* arguments passed by keyword move into ``args`` where they could be positional
+  (``F.conv1d(x, weight=w, bias=b, ...)``), so later passes read operands in one place;
 * ``baddbmm(inp, a, b, beta, alpha)`` → ``beta·inp + alpha·(a @ b)`` (``inp`` dropped at beta 0);
+  ``addmm(bias, x, w)`` likewise (GPT-2's ``Conv1D``);
 * ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) → projections + SDPA;
 * every matrix product (``@``, ``torch.matmul``, ``bmm``, ``Tensor.matmul``, two-operand
   ``einsum`` contractions, multi-operand ``einsum`` chains split pairwise) → ``torch.matmul``,
@@ -17,6 +20,7 @@ not rewritten here: detection checks them by value.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import string
 from typing import Any, List, Optional, Sequence, Tuple
@@ -255,6 +259,81 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
         _replace(gm, node, new)
 
 
+def _signatures(target: Any) -> List[inspect.Signature]:
+    """The Python signatures of a torch function (its overloads') or of a plain function."""
+    from torch.fx.operator_schemas import get_signature_for_torch_op
+    try:
+        sigs = get_signature_for_torch_op(target)
+    except Exception:  # noqa: BLE001 - no schema for this callable
+        sigs = None
+    if not sigs:
+        try:
+            sigs = [inspect.signature(target)]
+        except (TypeError, ValueError):
+            return []
+    return sigs
+
+
+# methods whose argument order is not the torch function's (x.where(c, y) = where(c, x, y))
+_METHOD_ORDER_DIFFERS = {"where"}
+
+
+def _positional_kwargs(gm: fx.GraphModule) -> None:
+    """Arguments passed by keyword that could be positional move into ``args``, in order:
+    ``F.conv1d(x, weight=w, bias=b, padding=3, groups=D)`` → ``conv1d(x, w, b, padding=3,
+    groups=D)`` (HF's causal-conv reference). Only a run of leading parameters is moved, and
+    only where every overload that accepts the call names that position alike; defaults are
+    not filled in. Later passes can then read operands from ``node.args``."""
+    for node in gm.graph.nodes:
+        if not node.kwargs or node.target is operator.getitem:
+            continue
+        if node.op == "call_function":
+            sigs = _signatures(node.target)
+        elif node.op == "call_method" and isinstance(node.target, str) and \
+                node.target not in _METHOD_ORDER_DIFFERS and hasattr(torch, node.target):
+            # x.baddbmm(batch1=a, batch2=b): the method mirrors torch.baddbmm(input, ...)
+            sigs = [sg for sg in _signatures(getattr(torch, node.target))
+                    if next(iter(sg.parameters), None) in ("input", "self")]
+        else:
+            continue
+        binding = []
+        for sig in sigs:
+            try:
+                sig.bind(*node.args, **node.kwargs)
+            except TypeError:
+                continue
+            binding.append(list(sig.parameters.values()))
+        if not binding:
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        while True:
+            i = len(args)
+            ps = [params[i] if i < len(params) else None for params in binding]
+            if any(p is None or p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                   for p in ps) or len({p.name for p in ps}) != 1 or ps[0].name not in kwargs:
+                break
+            args.append(kwargs.pop(ps[0].name))
+        if len(args) != len(node.args):
+            node.args, node.kwargs = tuple(args), kwargs
+
+
+def _lower_addmm(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``addmm(bias, x, w, beta=β, alpha=α)`` → ``β·bias + α·(x @ w)`` (GPT-2's ``Conv1D``
+    projection on ``x.view(-1, D)``): a token-local product the sequence analysis knows."""
+    inp, a, b = node.args[:3]
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node) or \
+            set(node.kwargs) - {"beta", "alpha"}:
+        return
+    out = _new(gm, node, torch.matmul, (a, b))
+    if alpha != 1:
+        out = _new(gm, node, operator.mul, (out, alpha))
+    if beta != 0:
+        scaled = inp if beta == 1 else _new(gm, node, operator.mul, (inp, beta))
+        out = _new(gm, node, operator.add, (scaled, out))
+    _replace(gm, node, out)
+
+
 def _lower_baddbmm(gm: fx.GraphModule, node: fx.Node) -> None:
     """``baddbmm(inp, a, b, beta=β, alpha=α)`` → ``β·inp + α·(a @ b)`` (Megatron's core attention
     scores: ``baddbmm(empty, q, kᵀ, beta=0, alpha=1/√d)``). With β = 0 ``inp`` is ignored, as
@@ -352,6 +431,7 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     from .inline_hops import inline_wrappers
     inline_wrappers(gm)  # activation-checkpointed / wrapped bodies → the flat graph
     _functionalize_inplace(gm)
+    _positional_kwargs(gm)
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
@@ -360,6 +440,8 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             _lower_einsum(gm, node)
         elif name == "baddbmm" and len(node.args) >= 3:
             _lower_baddbmm(gm, node)
+        elif name == "addmm" and node.op == "call_function" and len(node.args) == 3:
+            _lower_addmm(gm, node)
         elif name == "multi_head_attention_forward":
             _lower_mha(gm, node)
         elif name == "matmul" and not (node.op == "call_function" and
@@ -374,6 +456,7 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 hasattr(torch, name) and isinstance(node.args[0], fx.Node):
             new = _new(gm, node, getattr(torch, name), tuple(node.args), dict(node.kwargs))
             _replace(gm, node, new)
+    _positional_kwargs(gm)  # the methods turned into functions above
     eliminate_dead_code(gm)
     gm.recompile()
     return gm

@@ -206,6 +206,16 @@ class _GlobalRebuild:
             idx = tuple(slice(i.start, self._scale(i.stop), i.step) if isinstance(i, slice)
                         else i for i in idx)
             args = (args[0], idx if isinstance(args[1], tuple) else idx[0]) + tuple(args[2:])
+        elif name in ("expand", "view", "reshape") and isinstance(p, (Pair, Shard)) and \
+                not getattr(p, "merged", False) and len(args) >= 2:
+            # the sizes of the sequence axes of the result mean the global length
+            # (HF's mask.expand(batch, -1, q_length, kv_length))
+            axes = {p.d0, p.d1} if isinstance(p, Pair) else {p.dim}
+            sizes = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) \
+                else args[1:]
+            sizes = tuple(self._scale(v) if i in axes else v for i, v in enumerate(sizes))
+            args = (args[0], sizes) if len(args) == 2 and isinstance(args[1], (list, tuple)) \
+                else (args[0],) + sizes
         new_args = fx.node.map_arg(args, self)
         new_kwargs = fx.node.map_arg(kwargs, self)
         if isinstance(p, Replicate) and new_args == n.args and new_kwargs == dict(n.kwargs):

@@ -23,7 +23,8 @@ def mutates(node: fx.Node) -> bool:
     effect is the mutation, so it is kept even when its result is unused."""
     if node.op not in ("call_method", "call_function"):
         return False
-    if node.op == "call_function" and node.target is operator.setitem:
+    if node.op == "call_function" and (node.target is operator.setitem or
+                                       node.target in _INPLACE_OPERATORS):
         return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
@@ -85,7 +86,7 @@ def is_call(node: Any, *names: str) -> bool:
 
 
 _FN_NAMES: Dict[Any, str] = {
-    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul", torch.mm: "matmul",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
     operator.neg: "neg", torch.neg: "neg", operator.invert: "invert",
@@ -113,6 +114,12 @@ _FN_NAMES: Dict[Any, str] = {
     torch.nn.functional.tanh: "tanh", torch.tanh: "tanh",
     torch.nn.functional.normalize: "normalize",
 }
+# Python's augmented assignments on tensors (``x /= s``): in place, named like the methods
+_INPLACE_OPERATORS = {operator.iadd: "add_", operator.isub: "sub_", operator.imul: "mul_",
+                      operator.itruediv: "div_", operator.ifloordiv: "floor_divide_",
+                      operator.ipow: "pow_", operator.imod: "remainder_",
+                      operator.iand: "bitwise_and_", operator.ior: "bitwise_or_"}
+_FN_NAMES.update(_INPLACE_OPERATORS)
 if hasattr(torch._C._nn, "elu"):
     _FN_NAMES[torch._C._nn.elu] = "elu"
 if hasattr(torch.nn.functional, "mish"):

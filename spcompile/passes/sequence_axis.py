@@ -99,7 +99,8 @@ ELEMENTWISE = {
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
     "log_sigmoid", "logsigmoid", "hardtanh", "softshrink", "hardshrink", "tanhshrink", "gelu_",
     "mish_", "logit", "xlogy", "square_", "pow_", "rsqrt_", "sqrt_", "clamp_", "masked_fill_",
-    "polar", "complex", "real", "imag", "angle", "conj", "conj_physical",
+    "polar", "complex", "real", "imag", "angle", "conj", "conj_physical", "floor_divide_",
+    "remainder_", "bitwise_and_", "bitwise_or_", "floor_divide", "bitwise_and", "bitwise_or",
 }
 CREATION = {"ones", "zeros", "full", "empty", "arange", "tensor", "eye", "rand", "randn",
             "randint", "linspace", "as_tensor", "tril_indices", "triu_indices", "ones_like_",

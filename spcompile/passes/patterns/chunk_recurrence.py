@@ -6,6 +6,8 @@ runs the recurrence *across chunks* as a small quadratic form over the chunk axi
     states      = cat([initial_states, states], dim=1)            # [b, c+1, h, p, n]
     decay_chunk = exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))   # [b, h, c+1, c+1]
     new_states  = einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    # or HF's einsum("bzch,bzhpn->bchpn", decay_chunk.transpose(1, 3), states), or HF's
+    # (decay_chunk.transpose(1, 3)[..., None, None] * states[:, :, None]).sum(1)
     states      = new_states[:, :-1]        # the state entering each chunk
     final_state = new_states[:, -1]
 
@@ -125,7 +127,7 @@ class ChunkStateRecurrence(Pattern):
     def find(self, gm: fx.GraphModule, ctx: Ctx) -> Iterable[Found]:
         pl = ctx.placements
         for M in list(ctx.mixing):
-            if canonical_name(M) == "matmul" and isinstance(pl.get(M.args[0]), Pair):
+            if canonical_name(M) == "matmul" and isinstance(M.args[0], fx.Node):
                 found = self._match(gm, ctx, M)
             elif canonical_name(M) == "mul" and len(M.users) == 1 and \
                     canonical_name(next(iter(M.users))) == "sum":
@@ -157,6 +159,10 @@ class ChunkStateRecurrence(Pattern):
         elif not isinstance(pl.get(init), Replicate):
             return FailedMatch(self.name, anchor, "the initial state is neither zeros nor replicated")
         pads = [n for n in ancestors(D) | {D} if canonical_name(n) == "pad" and n in ctx.mixing]
+        # the nearest pads only: an earlier layer's (upstream through the residual stream of a
+        # stacked model) is an ancestor of this layer's own
+        up = set().union(*(ancestors(n) for n in pads)) if pads else set()
+        pads = [n for n in pads if n not in up]
         if len(pads) != 1:
             return FailedMatch(self.name, anchor, "no single padded chunk decay under the decay matrix")
         pad = pads[0]
@@ -230,7 +236,13 @@ class ChunkStateRecurrence(Pattern):
             return None
         nd = len(sD)
         pD = pl.get(D)
-        if not (pD.d0 == nd - 2 and pD.d1 == nd - 1):
+        # the decay matrix: a T×T value on its last two axes, or (HF's segment_sum: expand,
+        # masks, cumsum over the rows) a square matrix the analysis saw as rows of the chunk
+        # axis; either way its values are checked below
+        if isinstance(pD, Pair):
+            if not (pD.d0 == nd - 2 and pD.d1 == nd - 1):
+                return None
+        elif sD[-1] != sD[-2] or sR[-2] != sD[-1]:
             return None
         C, _chain = _through_layout_back(R)
         if canonical_name(C) != "cat" or C not in ctx.mixing:
