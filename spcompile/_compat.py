@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 __all__ = ["all_gather_single", "reduce_scatter_single", "all_to_all_single",
-           "resolve_process_group", "global_rank", "timedelta", "dist_available"]
+           "resolve_process_group", "global_rank", "timedelta", "dist_available",
+           "mark_side_effect"]
 
 
 def dist_available() -> bool:
@@ -39,3 +40,15 @@ def global_rank(group: ProcessGroup, group_rank: int) -> int:
 
 def timedelta(seconds: Optional[float]) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(seconds if seconds is not None else 0.0))
+
+
+def mark_side_effect(op) -> None:
+    """Tell FX (and so AOTAutograd's dead-code elimination and partitioner) that ``op`` must
+    run even when its result is unused: a collective whose result one rank happens not to use
+    (a rank-dependent branch) would otherwise vanish from that rank's graph only, and the
+    other ranks would wait for it forever."""
+    import torch.fx.node as fx_node
+    if hasattr(fx_node, "has_side_effect"):
+        fx_node.has_side_effect(op)
+    else:  # pragma: no cover - older torch
+        fx_node._side_effectful_functions.add(op)

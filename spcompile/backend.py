@@ -18,6 +18,24 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
+from . import collectives as _collectives  # noqa: F401  (registers the collective ops)
+from . import ops as _ops  # noqa: F401  (registers spcompile::allreduce)
+from ._compat import mark_side_effect
+
+# ops that communicate: every rank must run each of them, in the same order, whether or not
+# its own result is used (see mark_side_effect)
+COLLECTIVE_OPS = ("allreduce", "all_reduce", "gather_sequence", "gather_sequence_rs",
+                  "reduce_scatter_sequence", "halo_exchange", "halo_exchange_bwd",
+                  "exclusive_state_scan", "exclusive_state_scan_bwd", "seq_to_heads",
+                  "heads_to_seq", "ring_attention", "ring_attention_bwd",
+                  "sequence_logcumsumexp", "sequence_logcumsumexp_backward", "sp_scan_overlap",
+                  "sp_scan_overlap_bwd")
+for _name in COLLECTIVE_OPS:
+    _packet = getattr(torch.ops.spcompile, _name, None)
+    if _packet is not None:
+        for _ov in _packet.overloads():
+            mark_side_effect(getattr(_packet, _ov))
+
 STRATEGIES = ("auto", "allgather", "allscan", "ring")
 ATTENTION_STRATEGIES = ("auto", "kv_allgather", "ring_attention", "ulysses")
 COMPILERS = ("aot_eager", "inductor", "eager")

@@ -19,13 +19,13 @@ import torch._dynamo
 
 import spcompile
 import models_zoo4 as Z
-from _checks_zoo2 import _fallbacks, _kinds, compare
+import _outcomes
+from _outcomes import _fallbacks, _kinds, compare
 
 FILE = "models_zoo4.py"
 
 
-def _floats(B, T, D=16):
-    return lambda: [torch.randn(B, T, D)]
+_floats = _outcomes.floats
 
 
 def _tokens(B, T, V=11, ignore=False):
@@ -42,38 +42,11 @@ def _with_position_ids(B, T, D=16):
     return lambda: [torch.randn(B, T, D), torch.arange(T).unsqueeze(0)]
 
 
-def exact(rank, P, rec, name, make_model, make_inputs=None, kinds=(), graphs=None, **kw):
-    be, msgs = compare(rank, P, rec, name, make_model, make_inputs, **kw)
-    rec.true(f"{name}: (a) zero fallbacks, no warning", not _fallbacks(be) and not msgs,
-             str(_fallbacks(be))[:400] + str(msgs)[:400])
-    rec.true(f"{name}: matched {sorted(kinds)}", set(kinds) <= set(_kinds(be)), str(_kinds(be)))
-    if graphs is not None:
-        rec.true(f"{name}: {graphs} graphs", len(be.reports) == graphs, str(len(be.reports)))
-    return be
+exact, refused = _outcomes.exact, _outcomes.refused
 
 
-def gathered(rank, P, rec, name, make_model, make_inputs=None, ops=(), **kw):
-    be, msgs = compare(rank, P, rec, name, make_model, make_inputs, **kw)
-    fbs = _fallbacks(be)
-    ok = bool(fbs) and len(msgs) == len(fbs) and all(FILE in m for m in msgs) and \
-        all(any(op in f for f in fbs) for op in ops)
-    rec.true(f"{name}: (b) fallback warned {list(ops)} at {FILE}", ok, str(fbs)[:600])
-    return be
-
-
-def refused(rank, P, rec, name, make_model, make_inputs=None, text=(), T=32, B=2, **options):
-    torch.manual_seed(0)
-    torch._dynamo.reset()
-    shards = [spcompile.shard_sequence(x, dim=1) for x in (make_inputs or _floats(B, T))()]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.compile(make_model(), backend=spcompile.backend(**options))(*shards)
-        rec.true(f"{name}: (c) refused", False, "no error raised")
-    except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
-        msg = str(e)
-        rec.true(f"{name}: (c) refused with {list(text)}",
-                 "SequenceParallelError" in msg and all(t in msg for t in text), msg[:800])
+def gathered(*args, **kw):
+    return _outcomes.gathered(*args, file=FILE, **kw)
 
 
 # ---------------------------------------------------------------- (a) exact, no fallback

@@ -28,7 +28,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import canonical_name, eliminate_dead_code, set_meta, shape, tensor_val
+from .graph_utils import (canonical_name, eliminate_dead_code, inside_vmap, set_meta, shape,
+                          tensor_val)
 from .pipeline import Ctx, register_pass
 
 _METHODS_TO_FUNCTIONS = {
@@ -242,9 +243,10 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
     nothing else aliases ``a`` (no view of it, and it is no view): a mutation seen through a
     view stays as written."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    batched = inside_vmap(gm)
     for node in list(gm.graph.nodes):
         t = node.target
-        if node.op != "call_method" or not isinstance(t, str) or not t.endswith("_") or \
+        if node in batched or node.op != "call_method" or not isinstance(t, str) or not t.endswith("_") or \
                 t.startswith("_") or not hasattr(torch.Tensor, t[:-1]):
             continue
         a = node.args[0] if node.args else None
@@ -432,8 +434,9 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     inline_wrappers(gm)  # activation-checkpointed / wrapped bodies → the flat graph
     _functionalize_inplace(gm)
     _positional_kwargs(gm)
+    batched = inside_vmap(gm)  # an inlined vmap's body (torch's associative_scan) stays as is
     for node in list(gm.graph.nodes):
-        if node.op not in ("call_function", "call_method"):
+        if node.op not in ("call_function", "call_method") or node in batched:
             continue
         name = canonical_name(node)
         if name == "einsum":

@@ -24,10 +24,15 @@ def _find_all(gm: fx.GraphModule, ctx: Ctx, claimed: set, out: list) -> list:
             seen.add((f.pattern, f.node))
             ctx.near_misses.append(f)
 
+    from .graph_utils import inside_vmap
+    batched = inside_vmap(gm)  # an inlined vmap's body is left as it is
     for pattern in all_patterns():
         for found in pattern.find(gm, ctx):
             if isinstance(found, Match):
                 if found.anchor in claimed:
+                    continue
+                if found.anchor in batched and not found.info.get("owns_nodes"):
+                    miss(FailedMatch(found.pattern, found.anchor, "inside a vmap'd function"))
                     continue
                 excluded = match_excluded(found)
                 if excluded is not None:  # @spcompile.exclude: leave it to the fallback
@@ -48,16 +53,17 @@ def _outside_loops(matches: list, ctx: Ctx) -> list:
     per-step computations on local data, not sequence ops. → the matches to keep."""
     inside = set()
     for m in matches:
-        if m.kind == "loop_scan":
+        if m.kind == "loop_scan" or m.info.get("owns_nodes"):
             inside |= set(m.nodes)
     if not inside:
         return matches
     ctx.near_misses[:] = [f for f in ctx.near_misses if f.node not in inside]
     keep = []
     for m in matches:
-        if m.kind != "loop_scan" and (m.anchor in inside or set(m.nodes) & inside):
-            ctx.near_misses.append(FailedMatch(m.pattern, m.anchor, "inside the body of a "
-                                               "Python loop rewritten as a whole"))
+        if m.kind != "loop_scan" and not m.info.get("owns_nodes") and (
+                m.anchor in inside or set(m.nodes) & inside):
+            ctx.near_misses.append(FailedMatch(m.pattern, m.anchor, "inside a region rewritten "
+                                               "as a whole (a Python loop, an associative scan)"))
         else:
             keep.append(m)
     return keep

@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 
 from .. import ops as spops
-from .graph_utils import (canonical_name, run_node_on_values, seq_span, set_meta, tensor_val,
-                          tiles_axis, val)
+from .graph_utils import (canonical_name, run_node_on_values, seq_span, set_meta, shape,
+                          tensor_val, tiles_axis, val)
 from .pipeline import Ctx, register_pass, source_line
 from .sequence_axis import ELEMENTWISE, Pair, Partial, Replicate, Shard, analyze
 
@@ -83,6 +83,12 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
             f"spcompile (strict): {where} mixes tokens along the sharded sequence axis "
             f"({reason}) and no pattern covers it. Rewrite it with a supported form, declare it "
             f"with an spcompile annotation, or drop strict=True to gather the sequence around it.")
+    from .graph_utils import inside_vmap
+    if node in inside_vmap(gm):
+        raise SequenceParallelError(
+            f"spcompile: {where} mixes tokens along the sharded sequence axis ({reason}) inside "
+            f"a function run under torch.func.vmap; spcompile cannot gather around an op "
+            f"inside a vmap. Move the token-mixing op out of the vmapped function.")
     for a in node.all_input_nodes:
         p = pl.get(a)
         if isinstance(p, Shard) and p.merged:
@@ -285,6 +291,58 @@ def _globalize_sizes(node: fx.Node, gdims: Dict[fx.Node, int], ctx: Ctx) -> set:
 
 
 _ARITH = {"mul", "div", "truediv", "add", "sub", "rsub", "floordiv"}
+
+
+def _refuse_local_length_writes(gm: fx.GraphModule, ctx: Ctx) -> None:
+    """Writes at positions no pattern placed: into part of a sharded axis (what is left of a
+    Python loop over tokens spcompile could not rewrite) — refused; and ``m = torch.ones(T);
+    m[0] = 0`` (then ``x * m[None, :, None]``): a replicated buffer made
+    with the local length and written at a fixed position along that length. Sizes read from
+    the sequence mean the global length, so ``m`` stands for a global vector whose position 0 is
+    on the first rank only — but every rank writes its own local position 0. Refused unless
+    ``length_constants="ignore"`` (a length that only equals ``T_local`` by chance)."""
+    from .patterns.sequence_ops import _index_span, _write_site
+    from .graph_utils import inside_vmap
+    T = ctx.seq_len
+    if not T:
+        return
+    covered = set(inside_vmap(gm))
+    for m in ctx.matches:
+        covered |= set(m.nodes)
+    for node in gm.graph.nodes:
+        site = _write_site(node)
+        if site is None or node in covered or node.meta.get("spcompile_write"):
+            continue
+        y, idx, _ = site
+        sy = shape(y)
+        py = ctx.placements.get(y)
+        if isinstance(py, Shard) and sy is not None:
+            span = _index_span(idx, py.dim, len(sy), sy[py.dim])
+            if span is None or (span[0], span[1]) != (0, sy[py.dim]):
+                raise SequenceParallelError(
+                    f"spcompile: {canonical_name(node)} at {source_line(node) or node.name} "
+                    f"writes into part of the sharded sequence axis of {y.name} in a way no "
+                    f"pattern covers (several writes along it: a Python loop over tokens that "
+                    f"is not a recurrence spcompile understands, or an index it cannot place). "
+                    f"Every rank would write at its own local positions. Collect the values in "
+                    f"a list and torch.stack them, build them with torch.where on positions, or "
+                    f"declare the layer with @spcompile.linear_attention / @spcompile.ssm_scan.")
+            continue
+        if sy is None or not isinstance(py, Replicate) or \
+                ctx.options.length_constants == "ignore":
+            continue
+        for d, n in enumerate(sy):
+            span = _index_span(idx, d, len(sy), n) if n == T else None
+            if span is not None and (span[0], span[1]) != (0, n):
+                raise SequenceParallelError(
+                    f"spcompile: {canonical_name(node)} at {source_line(node) or node.name} "
+                    f"writes at a fixed position of a buffer whose dim {d} has this rank's local "
+                    f"length {T} ({sy}): sizes taken from the sequence mean its global length, "
+                    f"so the position is a global one, but every rank would write its own "
+                    f"local position. Build the values from positions instead (e.g. "
+                    f"torch.where(torch.arange(T) == 0, 0.0, 1.0)), or pass options="
+                    f"{{'length_constants': 'ignore'}} if that length does not come from the "
+                    f"sequence.")
 
 
 def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
@@ -497,7 +555,8 @@ def _has_param(node: fx.Node) -> bool:
                for n in ancestors(node))
 
 
-_INDEXING = ("integer index into the sequence axis", "slice of the sequence axis")
+_INDEXING = ("integer index into the sequence axis", "slice of the sequence axis",
+             "one-token slice of the sequence axis")
 
 
 def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
@@ -522,6 +581,11 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
                                                    for u in node.users):
             refuse(f"{canonical_name(node)} along the sharded sequence axis at "
                    f"{source_line(node) or node.name}, its pieces used one by one")
+    from .sequence_axis import ONE_CHUNK_INDEX
+    for node, reason in ctx.mixing.items():
+        if reason == ONE_CHUNK_INDEX and node.users:
+            refuse(f"an index into the chunk axis at {source_line(node) or node.name}, which "
+                   f"holds one chunk per rank (x.view(B, T // C, C, ...) with T = C locally)")
     by_source: dict = {}
     for node, reason in ctx.mixing.items():
         if canonical_name(node) == "getitem" and reason in _INDEXING and node.users:
@@ -529,8 +593,14 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
     T = ctx.seq_len
     for src, nodes in by_source.items():
         p = ctx.placements.get(src)
-        spans = [seq_span(n, p.dim, T) for n in nodes] if isinstance(p, Shard) else []
-        if len(nodes) >= 3 or tiles_axis([sp for sp in spans if sp is not None], T):
+        if not isinstance(p, Shard):
+            continue
+        # the axis indexed: the tokens (length T), or the chunks of a sequence split in two
+        # (x.view(B, T // C, C, D)): its own length counts
+        n = shape(src)[p.dim] if shape(src) is not None else T
+        spans = [sp for sp in (seq_span(x, p.dim, n) for x in nodes) if sp is not None]
+        one_chunk = n != T and spans == [(0, n)]  # a loop over chunks with one per rank
+        if len(nodes) >= 3 or tiles_axis(spans, n) or one_chunk:
             refuse(f"{len(nodes)} slices/indexes along the sharded sequence axis of one value "
                    f"(first at {source_line(nodes[0]) or nodes[0].name})")
 
@@ -591,7 +661,8 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         return gm
     ideal = dict(analyze(gm, ctx))
     _check_length_constants(gm, ctx)
-    _refuse_loops_over_the_sequence(ctx)
+    _refuse_loops_over_the_sequence(ctx)  # first: it can say why the loop was not taken
+    _refuse_local_length_writes(gm, ctx)
     before = _output_shapes(gm)
     local_shapes = {n: tuple(tensor_val(n).shape) for n in gm.graph.nodes
                     if tensor_val(n) is not None}

@@ -15,6 +15,13 @@ def val(node: Any) -> Any:
     if not isinstance(node, fx.Node):
         return node
     v = node.meta.get("example_value", node.meta.get("val"))
+    if v is None and node.op == "get_attr" and node.graph.owning_module is not None:
+        # a submodule Dynamo lifted (a higher-order op's body): the module itself
+        obj: Any = node.graph.owning_module
+        for part in node.target.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.Module):
+            return obj
     return v
 
 
@@ -26,14 +33,53 @@ def mutates(node: fx.Node) -> bool:
     if node.op == "call_function" and (node.target is operator.setitem or
                                        node.target in _INPLACE_OPERATORS):
         return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in (
+            "operator", "_operator"):
+        return False  # operator.and_ / or_ are not in place (their names just end in _)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
 
 
+def stateful(node: fx.Node) -> bool:
+    """A call kept for its effect on torch's state, not for a value: functorch's level
+    bookkeeping that Dynamo records around an inlined ``vmap`` / ``grad``
+    (``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting``); dropping it would leave the
+    ``_add_batch_dim`` calls at the wrong level."""
+    return node.op == "call_function" and (
+        getattr(node.target, "__module__", "") or "").startswith(
+            ("torch._functorch", "torch._C._functorch")) and val(node) is None
+
+
+def inside_vmap(gm: fx.GraphModule) -> Set[fx.Node]:
+    """The nodes Dynamo recorded inside an inlined ``vmap`` (between ``_vmap_increment_nesting``
+    and its decrement): their example values are batched at a functorch level that is only
+    live while the graph runs, so passes leave them as they are."""
+    inner: Set[fx.Node] = set()
+    depth = 0
+    for n in gm.graph.nodes:
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name == "_vmap_increment_nesting":
+            depth += 1
+        elif name == "_vmap_decrement_nesting":
+            depth = max(0, depth - 1)
+        elif depth:
+            inner.add(n)
+    return inner
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
     """FX's dead-code elimination, keeping in-place mutations (FX treats every method call as
-    pure: a BatchNorm's ``num_batches_tracked.add_(1)`` would vanish)."""
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))
+    pure: a BatchNorm's ``num_batches_tracked.add_(1)`` would vanish) and functorch's level
+    bookkeeping (``stateful``)."""
+    keep = lambda n: n.is_impure() or mutates(n) or stateful(n)  # noqa: E731
+    for node in reversed(gm.graph.nodes):  # not Graph.eliminate_dead_code: it recurses into
+        if not node.users and not keep(node):  # subgraphs with FX's own purity test, which
+            gm.graph.erase_node(node)  # drops a custom autograd.Function's in-place writes
+    attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, child in gm.named_children():
+        if name in attrs and isinstance(child, fx.GraphModule):
+            eliminate_dead_code(child)
+            child.recompile()
 
 
 def seq_span(node: fx.Node, dim: int, T: int):
@@ -142,7 +188,9 @@ def canonical_name(node: fx.Node) -> Optional[str]:
     if t in _FN_NAMES:
         return _FN_NAMES[t]
     if t is getattr and len(node.args) == 2 and isinstance(node.args[1], str):
-        return {"mT": "mT", "T": "T", "shape": "shape"}.get(node.args[1], "getattr")
+        # tensor attributes that are ops (x.real of a complex tensor is elementwise)
+        return {"mT": "mT", "T": "T", "shape": "shape", "real": "real", "imag": "imag",
+                "data": "detach"}.get(node.args[1], "getattr")
     name = getattr(t, "__name__", None)
     mod = getattr(t, "__module__", "") or ""
     if name and (mod.startswith("torch") or mod == "" or mod == "builtins"):
@@ -194,6 +242,11 @@ def evaluate(gm: fx.GraphModule, targets: Iterable[fx.Node], example_inputs: Lis
     needed: Set[fx.Node] = set(targets)
     for t in targets:
         needed |= ancestors(t)
+    # functorch's level bookkeeping has no data edges: run all of it, so that a needed op
+    # inside an inlined vmap sees its level (increments and decrements stay balanced)
+    needed |= {n for n in gm.graph.nodes if stateful(n)}
+    # values at a functorch level live only during this run; the level calls always run
+    batched = inside_vmap(gm) | {n for n in needed if stateful(n)}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     env: Dict[fx.Node, Any] = {}
     for n, x in zip(placeholders, example_inputs):
@@ -202,7 +255,7 @@ def evaluate(gm: fx.GraphModule, targets: Iterable[fx.Node], example_inputs: Lis
         for n in gm.graph.nodes:
             if n not in needed or n.op in ("placeholder", "output"):
                 continue
-            if n in cache:
+            if n in cache and n not in batched:
                 env[n] = cache[n]
                 continue
             args = fx.node.map_arg(n.args, lambda a: env[a])
@@ -218,7 +271,8 @@ def evaluate(gm: fx.GraphModule, targets: Iterable[fx.Node], example_inputs: Lis
                 env[n] = obj
             elif n.op == "call_module":
                 env[n] = gm.get_submodule(n.target)(*args, **kwargs)
-            cache[n] = env[n]
+            if n not in batched:
+                cache[n] = env[n]
     return [env[t] for t in targets]
 
 

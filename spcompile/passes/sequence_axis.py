@@ -270,6 +270,8 @@ class Analyzer:
 
     def run_once(self) -> Dict[fx.Node, Placement]:
         self.pl, self.mixing, self.conflicts = {}, {}, {}
+        self.vmapped: Dict[Any, bool] = {}  # vmap levels whose batch dim is the sequence
+        self.unit_chunks: Dict[fx.Node, int] = {}  # views splitting T into (1 chunk, T)
         self.ctx.mixing = self.mixing
         from ..boundary import called_from_compiled_frame, in_resume_frame, last_seq_len, \
             read_tag
@@ -353,11 +355,14 @@ class Analyzer:
             return meta
         if self.is_positions(node):
             return Shard(0)
+        name = canonical_name(node) or ""
+        if name in _LIKE_OTHER and node.args and isinstance(node.args[0], fx.Node):
+            # P.type_as(x), P.to(x): the other tensor lends only its dtype/device
+            return self.get(node.args[0])
         ins = node.all_input_nodes
         ps = [self.get(a) for a in ins]
         if all(isinstance(p, Replicate) for p in ps):
             return R
-        name = canonical_name(node) or ""
         if any(isinstance(p, Mixing) for p in ps):
             return Mixing("input is mixed", None)
         if any(isinstance(p, Pair) for p in ps) and name not in ELEMENTWISE:
@@ -478,6 +483,12 @@ class Analyzer:
     def getitem(self, node: fx.Node) -> Placement:
         x, idx = node.args[0], node.args[1]
         p = self.get(x)
+        if x in self.unit_chunks and isinstance(p, Shard):
+            k = self.unit_chunks[x]
+            items = idx if isinstance(idx, tuple) else (idx,)
+            if Ellipsis not in items and None not in items and len(items) > k and \
+                    isinstance(items[k], int) and all(i == slice(None) for i in items[:k]):
+                return Mixing(ONE_CHUNK_INDEX, "replicate")
         if isinstance(val(x), (tuple, list)):  # picking an output of a multi-output op
             if isinstance(p, (Shard, Replicate, Partial)):
                 return p
@@ -512,6 +523,8 @@ class Analyzer:
                 if in_dim == p.dim:
                     full = slice(None).indices(sh[in_dim])
                     if i.indices(sh[in_dim]) != full:
+                        if _one_token(i):  # x[:, :1], x[:, -1:]: one global token, kept 2-D
+                            return Mixing(ONE_TOKEN_SLICE, "replicate")
                         return Mixing("slice of the sequence axis", p.dim)
                     res = p.at(out_dim)
                 in_dim += 1
@@ -528,7 +541,14 @@ class Analyzer:
         if not isinstance(p, Shard):
             return Mixing(f"reshape of {p}") if not isinstance(p, Partial) else Partial()
         ish, osh = shape(x), shape(node)
-        return _map_reshape(ish, osh, p, self.ctx.seq_len)
+        q = _map_reshape(ish, osh, p, self.ctx.seq_len)
+        if isinstance(q, Shard) and not q.merged and q.dim > 0 and osh[q.dim - 1] == 1 and \
+                len(osh) == len(ish) + 1 and osh[q.dim] == ish[p.dim] and \
+                tuple(osh[:q.dim - 1]) == tuple(ish[:p.dim]):
+            # x.view(B, T // C, C, D) with one chunk per rank: a loop over the chunks would be
+            # unrolled once, its carried state invisible (see getitem)
+            self.unit_chunks[node] = q.dim - 1
+        return q
 
     def permute(self, node: fx.Node) -> Placement:
         x = node.args[0]
@@ -541,6 +561,106 @@ class Analyzer:
             return p.at(dims.index(p.dim))
         if isinstance(p, Pair):
             return Pair(dims.index(p.d0), dims.index(p.d1))
+        return p
+
+    def autograd_function(self, node: fx.Node) -> Placement:
+        """``torch.autograd.Function.apply`` (Dynamo's ``autograd_function_apply``: forward and
+        backward bodies, then the arguments). The forward body is analysed with the
+        arguments' placements: if it treats tokens one by one, so does the function (its
+        backward is the user's, applied to this rank's tokens); if it mixes tokens, the op
+        mixes them too (the fallback computes it, user backward included, on the gathered
+        sequence)."""
+        body = val(node.args[0])
+        if not isinstance(body, fx.GraphModule):
+            return Mixing("custom autograd function (body not visible)")
+        phs = [n for n in body.graph.nodes if n.op == "placeholder"]
+        args = list(node.args[2:])
+        if len(phs) != len(args):
+            return Mixing("custom autograd function (arguments do not line up)")
+        sub = Analyzer(body, self.ctx)
+        sub.pl = {ph: self.get(a) for ph, a in zip(phs, args)}
+        out = None
+        for n in body.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                out = n
+                break
+            try:
+                p = sub.rule(n)
+            except Exception as e:  # noqa: BLE001 - cannot decide: mixing
+                p = Mixing(f"could not analyse {canonical_name(n)}: {e}")
+            if isinstance(p, Mixing):
+                from .pipeline import source_line
+                return Mixing(f"custom autograd function: {canonical_name(n)} at "
+                              f"{source_line(n) or n.name} inside its forward {p.reason}")
+            sub.pl[n] = p
+        outs = out.args[0][0] if out is not None and isinstance(out.args[0], (tuple, list)) \
+            and out.args[0] and isinstance(out.args[0][0], (tuple, list)) else None
+        if outs is None:
+            return Mixing("custom autograd function (outputs not understood)")
+        ps = {str(sub.get(o)): sub.get(o) for o in outs if isinstance(o, fx.Node)}
+        if len(ps) > 1:
+            return Mixing(f"custom autograd function with outputs of different placements "
+                          f"{sorted(ps)}")
+        return next(iter(ps.values())) if ps else R
+
+    def diff(self, node: fx.Node) -> Placement:
+        """``torch.diff(x, n, dim, prepend, append)``: along the sequence axis it reads the
+        previous token (a halo), elsewhere it is token-local."""
+        x = node.args[0]
+        p = self.get(x)
+        d = _norm(arg(node, 2, "dim", -1), _nd(x))
+        if isinstance(p, Shard) and not p.merged and d == p.dim:
+            return Mixing("difference along the sequence axis", p.dim)
+        if isinstance(p, Shard) and d != p.dim:
+            return p
+        return self.elementwise(node) if not isinstance(p, Shard) else Mixing("diff")
+
+    def add_batch_dim(self, node: fx.Node) -> Placement:
+        """``_add_batch_dim(x, bdim, level)`` (Dynamo's trace of ``vmap``): inside, values are
+        one slice of ``x`` with ``bdim`` removed. Vmapped over the sequence, each slice is one
+        token: replicated inside, sharded again when the batch dim comes back out."""
+        x, bdim, level = node.args[0], node.args[1], node.args[2]
+        p = self.get(x)
+        if isinstance(p, Shard) and p.dim == _norm(bdim, _nd(x)):
+            self.vmapped[level] = True
+            return R
+        if isinstance(p, Shard):
+            return p.at(p.dim - (1 if p.dim > _norm(bdim, _nd(x)) else 0))
+        return p
+
+    def remove_batch_dim(self, node: fx.Node) -> Placement:
+        """``_remove_batch_dim(y, level, batch_size, out_dim)``: the vmap's output."""
+        y, level, out_dim = node.args[0], node.args[1], node.args[3]
+        p = self.get(y)
+        nd = _nd(node)
+        if self.vmapped.get(level):
+            if not isinstance(p, Replicate):
+                return Mixing("a vmap over the sequence axis returns a value that also "
+                              "depends on the sharded sequence")
+            return Shard(_norm(out_dim, nd))
+        if isinstance(p, Shard):
+            return p.at(p.dim + (1 if p.dim >= _norm(out_dim, nd) else 0))
+        return p
+
+    def movedim(self, node: fx.Node) -> Placement:
+        """``movedim(x, source, destination)`` (ints or sequences): a permutation."""
+        x = node.args[0]
+        p = self.get(x)
+        nd = _nd(x)
+        src, dst = arg(node, 1, "source"), arg(node, 2, "destination")
+        src = [_norm(d, nd) for d in (src if isinstance(src, (list, tuple)) else [src])]
+        dst = [_norm(d, nd) for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
+        order: List[Optional[int]] = [None] * nd  # output position → input dim
+        for a, b in zip(src, dst):
+            order[b] = a
+        rest = iter(d for d in range(nd) if d not in src)
+        order = [next(rest) if o is None else o for o in order]
+        if isinstance(p, Shard):
+            return p.at(order.index(p.dim))
+        if isinstance(p, Pair):
+            return Pair(order.index(p.d0), order.index(p.d1))
         return p
 
     def view_as_complex(self, node: fx.Node) -> Placement:
@@ -729,6 +849,11 @@ class Analyzer:
         return Mixing(f"{canonical_name(node)} along the sequence axis")
 
     def size_query(self, node: fx.Node) -> Placement:
+        """Sizes, dims, ``x.new_zeros(...)``: Python numbers or fresh tensors (replicated).
+        A tensor-valued attribute of a sharded value other than those below is not known."""
+        if canonical_name(node) == "getattr" and isinstance(val(node), torch.Tensor) and \
+                not isinstance(self.get(node.args[0]), Replicate):
+            return Mixing(f"attribute {node.args[1]!r} of a sharded value")
         return R
 
     def split(self, node: fx.Node) -> Placement:
@@ -990,6 +1115,25 @@ def _is_pointwise(name: str) -> bool:
     return ok
 
 
+ONE_TOKEN_SLICE = "one-token slice of the sequence axis"
+ONE_CHUNK_INDEX = "index into a chunk axis holding one chunk per rank"
+# ops whose tensor arguments after the first only lend a dtype / device
+_LIKE_OTHER = {"to", "type_as"}
+
+
+def _one_token(i: slice) -> bool:
+    """A slice that takes one token at a fixed global position: ``[k:k+1]`` (k >= 0) or
+    ``[-k:-k+1]`` / ``[-1:]`` (from the end)."""
+    a, b, st = i.start, i.stop, i.step
+    if st not in (None, 1) or not all(isinstance(v, (int, type(None))) for v in (a, b)):
+        return False
+    if isinstance(a, int) and a >= 0:
+        return b == a + 1 or (a == 0 and b == 1)
+    if a is None:
+        return b == 1
+    return a < 0 and (b == a + 1 if a < -1 else b in (None,))
+
+
 def _is_param_or_buffer(node: fx.Node) -> bool:
     ga = node.meta.get("grapharg")
     src = getattr(ga, "source", None)
@@ -1029,6 +1173,9 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "reshape_as": Analyzer.reshape, "flatten": Analyzer.reshape, "unflatten": Analyzer.reshape,
     "squeeze": Analyzer.reshape,
     "permute": Analyzer.permute, "unsqueeze": Analyzer.unsqueeze,
+    "movedim": Analyzer.movedim, "moveaxis": Analyzer.movedim, "diff": Analyzer.diff,
+    "autograd_function_apply": Analyzer.autograd_function,
+    "_add_batch_dim": Analyzer.add_batch_dim, "_remove_batch_dim": Analyzer.remove_batch_dim,
     "view_as_complex": Analyzer.view_as_complex, "view_as_real": Analyzer.view_as_real,
     "matmul": Analyzer.matmul, "linear": Analyzer.linear,
     "softmax": Analyzer.softmax_like, "log_softmax": Analyzer.softmax_like,

@@ -3,8 +3,9 @@ from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import MaskedLinearAttention
 from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
-from .sequence_ops import (CausalConv1d, CrossEntropy, LeadingRowScan, Positions, SDPAttention,
-                           SequenceIndex, SequenceReduction, SequenceScan, ShiftedLoss, TokenShift)
+from .sequence_ops import (CausalConv1d, CrossEntropy, FixedPositionWrite, LeadingRowScan,
+                           Positions, SDPAttention, LeftShift, SequenceDiff, SequenceIndex, SequenceReduction,
+                           SequenceScan, ShiftedLoss, TokenShift)
 
 
 def all_patterns():
@@ -12,13 +13,16 @@ def all_patterns():
     return [cls() for cls in REGISTRY]
 
 
-REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift, Positions,
-            SequenceReduction, ShiftedLoss, CrossEntropy, SequenceIndex, CumsumLinearAttention, LeadingRowScan,
-            SequenceScan]
+REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
+            LeftShift, SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
+            SequenceIndex, CumsumLinearAttention, LeadingRowScan, SequenceScan,
+            FixedPositionWrite]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the masked forms)
 REGISTRY.insert(1, ChunkStateRecurrence)
 from .loop_recurrence import LoopRecurrence  # noqa: E402 (owns the whole unrolled loop)
 REGISTRY.insert(2, LoopRecurrence)
+from .associative_scan import AssociativeScan  # noqa: E402 (owns the inlined scan)
+REGISTRY.insert(3, AssociativeScan)
 
 __all__ = ["FailedMatch", "Found", "Match", "Pattern", "REGISTRY", "all_patterns"]

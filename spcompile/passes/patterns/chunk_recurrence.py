@@ -125,7 +125,6 @@ class ChunkStateRecurrence(Pattern):
     kind = "linear_scan"
 
     def find(self, gm: fx.GraphModule, ctx: Ctx) -> Iterable[Found]:
-        pl = ctx.placements
         for M in list(ctx.mixing):
             if canonical_name(M) == "matmul" and isinstance(M.args[0], fx.Node):
                 found = self._match(gm, ctx, M)

@@ -43,7 +43,8 @@ from ..pipeline import Ctx, source_line
 from ..sequence_axis import Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
 
-_INDEXING = ("integer index into the sequence axis", "slice of the sequence axis")
+_INDEXING = ("integer index into the sequence axis", "slice of the sequence axis",
+             "one-token slice of the sequence axis")
 # ops whose tensor inputs only lend their shape/dtype/device
 _SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
                "new_empty", "new_full", "size", "dim", "shape"}

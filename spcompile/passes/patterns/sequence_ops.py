@@ -25,9 +25,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ... import ops as spops
-from ..graph_utils import arg, canonical_name, evaluate, set_meta, shape, val
+from ..graph_utils import arg, canonical_name, evaluate, mutates, set_meta, shape, val
 from ..pipeline import Ctx, source_line
-from ..sequence_axis import Pair, Replicate, Shard, positions_form
+from ..sequence_axis import ONE_TOKEN_SLICE, Pair, Replicate, Shard, positions_form
 from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import user_inputs_reached
 
@@ -296,6 +296,276 @@ class TokenShift(Pattern):
             out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
                                     ctx.group_name))
         _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+def _diff_sp(x, dim: int, prepend, group_name: str):
+    """``torch.diff(x, dim=dim, prepend=prepend)`` on this rank's shard: the token before the
+    shard is the previous rank's last one, ``prepend`` (a global value) on the first rank."""
+    if not group_name:
+        return torch.diff(x, dim=dim, prepend=prepend)
+    from ...collectives import group_rank, halo_exchange
+    prev = halo_exchange(x, 1, dim=dim, group=group_name)
+    # both are used on every rank (a where, not a branch), so that each rank's graph keeps
+    # the same collectives and their backward runs everywhere
+    first = torch.tensor(group_rank(group_name) == 0, device=x.device)
+    prev = torch.where(first, prepend.expand_as(prev).to(x.dtype), prev)
+    return torch.diff(x, dim=dim, prepend=prev)
+
+
+class SequenceDiff(Pattern):
+    """``torch.diff(x, dim=seq, prepend=p)`` (HF's packed-sequence detection: ``diff(
+    position_ids, prepend=position_ids[:, :1] - 1)``): each rank needs the token before its
+    shard, a halo of one; ``p`` (one global token) only enters on the first rank. Without a
+    one-token ``prepend`` the result is shorter than the sequence (near miss: the fallback)."""
+    name = "sequence_diff"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl = ctx.placements
+        for node, _ in _mixing(ctx, "diff"):
+            x = node.args[0]
+            px = pl.get(x)
+            n = arg(node, 1, "n", 1)
+            prepend, append = arg(node, 3, "prepend"), arg(node, 4, "append")
+            if not isinstance(px, Shard) or px.merged:
+                continue
+            if n != 1 or append is not None:
+                yield FailedMatch(self.name, node, "only n=1 with prepend= is handled "
+                                                   "(append= or n>1 changes the length)")
+                continue
+            sp = shape(prepend) if isinstance(prepend, fx.Node) else None
+            if sp is None or px.dim >= len(sp) or sp[px.dim] != 1 or \
+                    not isinstance(pl.get(prepend), Replicate):
+                yield FailedMatch(self.name, node, "prepend= is not one replicated token (the "
+                                                   "result would be shorter than the sequence)")
+                continue
+            yield Match(self.kind, self.name, node, bindings={"x": x, "prepend": prepend},
+                        info={"dim": px.dim, "width": 1})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _diff_sp, (m.bindings["x"], m.info["dim"], m.anchor.args[3]
+                                      if len(m.anchor.args) > 3 else m.anchor.kwargs["prepend"],
+                                      ctx.group_name))
+        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+def _shift_left(x, k: int, dim: int, value, group_name: str):
+    """``F.pad(x, (0, k) on dim, value=v)[k:]`` on this rank's shard: its own tokens from the
+    ``k``-th on, then the first ``k`` tokens of the next rank (``v`` on the last rank). Those
+    come from one all-gather of every rank's first ``k`` tokens (reduce-scatter backward)."""
+    T = x.shape[dim]
+    own = x.narrow(dim, k, T - k)
+    if not group_name:
+        fill = torch.full_like(x.narrow(dim, 0, k), value if value is not None else 0)
+        return torch.cat([own, fill], dim=dim)
+    from ...collectives import group_rank, group_size
+    r, P = group_rank(group_name), group_size(group_name)
+    heads = spops.gather_seq(x.narrow(dim, 0, k).contiguous(), dim, group_name)  # [.., P*k, ..]
+    if r == P - 1:
+        nxt = torch.full_like(x.narrow(dim, 0, k), value if value is not None else 0)
+        nxt = torch.where(torch.zeros((), dtype=torch.bool), heads.narrow(dim, 0, k), nxt)
+    else:
+        nxt = heads.narrow(dim, (r + 1) * k, k)
+    return torch.cat([own, nxt], dim=dim)
+
+
+class LeftShift(Pattern):
+    """``F.pad(x, (0, k), value=v)[..., k:]`` along the sequence: HF transformers 5's causal-LM
+    loss shifts the labels this way (``labels = F.pad(labels, (0, 1), value=-100);
+    shift_labels = labels[..., 1:]``). Each rank needs the first ``k`` tokens of the next."""
+    name = "shift_left"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl, T = ctx.placements, ctx.seq_len
+        for sl, reason in _mixing(ctx, "getitem"):
+            pad = sl.args[0]
+            if reason != "slice of the sequence axis" or canonical_name(pad) != "pad" or \
+                    pad not in ctx.mixing:
+                continue
+            x = pad.args[0]
+            px, sx = pl.get(x), shape(x)
+            if not isinstance(px, Shard) or px.merged or sx is None or sx[px.dim] != T:
+                continue
+            pads = list(arg(pad, 1, "pad"))
+            mode = arg(pad, 2, "mode", "constant")
+            value = arg(pad, 3, "value", None)
+            pos = 2 * (len(sx) - 1 - px.dim)
+            if mode != "constant" or pos + 1 >= len(pads) or pads[pos] != 0 or \
+                    any(p != 0 for i, p in enumerate(pads) if i not in (pos, pos + 1)):
+                continue
+            k = pads[pos + 1]
+            span = _seq_slice(sl, px.dim, len(sx))
+            if not (0 < k <= T) or span is None or span[0] != k or \
+                    span[1] not in (None, T + k) or isinstance(value, fx.Node):
+                yield FailedMatch(self.name, sl, "not F.pad(x, (0, k))[k:] along the sequence")
+                continue
+            yield Match(self.kind, self.name, sl, nodes={sl, pad}, bindings={"x": x},
+                        info={"shift": k, "dim": px.dim, "value": value})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _shift_left, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                         m.info["value"], ctx.group_name))
+        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+# ------------------------------------------------------------------ writes at fixed positions
+def _write_site(node: fx.Node):
+    """→ (written value, index, kind) of an in-place write: ``y[idx] = v`` (setitem) or an
+    in-place method on a view ``y[idx].fill_(v)`` / ``.zero_()`` / ``.copy_(v)``; else None."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return node.args[0], node.args[1], "setitem"
+    if mutates(node) and node.args and isinstance(node.args[0], fx.Node) and \
+            canonical_name(node.args[0]) == "getitem" and len(node.args[0].users) == 1:
+        view = node.args[0]
+        return view.args[0], view.args[1], "view"
+    return None
+
+
+def _index_span(idx, dim: int, nd: int, N: int):
+    """Global ``[a, b)`` that ``idx`` takes along ``dim`` of a length-``N`` axis, when every
+    other entry keeps its dim whole and this one is a constant int or step-1 slice; the
+    position in ``idx``; whether it was an int. None otherwise."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    d = 0
+    found = None
+    for k, i in enumerate(idx):
+        if i is None:
+            return None
+        if i is Ellipsis:
+            d += nd - n_real
+            continue
+        if d == dim:
+            if isinstance(i, int) and not isinstance(i, bool):
+                g = i % N
+                found = (g, g + 1, k, True)
+            elif isinstance(i, slice) and i.step in (None, 1) and all(
+                    isinstance(v, (int, type(None))) for v in (i.start, i.stop)):
+                a, b, _ = i.indices(N)
+                found = (a, max(a, b), k, False)
+            else:
+                return None
+        elif i != slice(None):
+            return None
+        d += 1
+    return found
+
+
+def _writes_tile(idxs, p, sh) -> bool:
+    """Do two writes' indexes tile the local axis (the two steps of an unrolled loop)?"""
+    from ..graph_utils import tiles_axis
+    if not isinstance(p, Shard) or sh is None:
+        return True
+    n = sh[p.dim]
+    spans = []
+    for idx in idxs:
+        sp = _index_span(idx, p.dim, len(sh), n)
+        if sp is None:
+            return True
+        spans.append(sp[:2])
+    return tiles_axis(spans, n)
+
+
+class FixedPositionWrite(Pattern):
+    """``y[:, 0] = bos``, ``y[:, -1] = 0``, ``y[:, :1].fill_(0)``, ``mask[:, :k] = 1`` on a
+    sharded ``y``: the position is global (DESIGN.md §1), so only the rank that holds it writes,
+    at its local offset; the others leave ``y`` as it is. Writes inside a Python loop over the
+    sequence belong to that loop (``loop_recurrence``)."""
+    name = "fixed_position_write"
+    kind = "positions"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl, T, P = ctx.placements, ctx.seq_len, ctx.world_size
+        if T is None:
+            return
+        covered = set()
+        for m in ctx.matches:
+            covered |= set(m.nodes)
+        sites = {n: _write_site(n) for n in gm.graph.nodes}
+        per_base: dict = {}
+        for n, site in sites.items():
+            if site is not None:
+                per_base.setdefault(site[0], []).append(site[1])
+        for node in gm.graph.nodes:
+            site = sites[node]
+            if site is None or node in covered:
+                continue
+            y, idx, form = site
+            if len(per_base[y]) > 2 or (len(per_base[y]) == 2 and _writes_tile(
+                    per_base[y], pl.get(y), shape(y))):
+                yield FailedMatch(self.name, node, "several writes into one value along the "
+                                                   "sequence (a Python loop over tokens)")
+                continue
+            py, sy = pl.get(y), shape(y)
+            if not isinstance(py, Shard) or sy is None or sy[py.dim] != T:
+                continue
+            if py.merged:
+                yield FailedMatch(self.name, node, "a write into flattened tokens [B*T, ...]")
+                continue
+            span = _index_span(idx, py.dim, len(sy), T * P)
+            if span is None:
+                yield FailedMatch(self.name, node, "the write's index along the sequence is not "
+                                                   "a constant int or slice")
+                continue
+            a, b, pos, is_int = span
+            if (a, b) == (0, T * P):
+                continue  # the whole axis: token by token
+            if form == "view" and node.users:
+                yield FailedMatch(self.name, node, "the result of the in-place write is used")
+                continue
+            v = node.args[2] if form == "setitem" else (node.args[1] if len(node.args) > 1
+                                                          else None)
+            yield Match(self.kind, self.name, node, nodes={node},
+                        info={"span": (a, b), "pos": pos, "int": is_int, "dim": py.dim,
+                              "form": form, "_v": v})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        from ...collectives import group_rank
+        node, T = m.anchor, ctx.seq_len
+        r = group_rank(ctx.group_name) if ctx.group_name else 0
+        a, b = m.info["span"]
+        lo, hi = max(a, r * T), min(b, (r + 1) * T)
+        view = node.args[0] if m.info["form"] == "view" else None
+        node.meta["spcompile_write"] = "global position"
+        if lo >= hi:  # not this rank's tokens: no write
+            node.replace_all_uses_with(node.args[0]) if node.users else None
+            gm.graph.erase_node(node)
+            if view is not None and not view.users:
+                gm.graph.erase_node(view)
+            return
+        idx = list(node.args[1] if m.info["form"] == "setitem" else view.args[1])
+        idx = idx if isinstance(idx, list) else [idx]
+        idx[m.info["pos"]] = lo - r * T if m.info["int"] else slice(lo - r * T, hi - r * T)
+        v = m.info["_v"]
+        d_out = m.info["dim"]
+        if isinstance(v, fx.Node) and not m.info["int"] and shape(v) is not None:
+            # a value with the slice's length along the written axis: its part for this rank
+            sv, n = shape(v), b - a
+            k = len(sv) - (len(shape(node.args[0] if view is None else view)) - d_out)
+            if 0 <= k < len(sv) and sv[k] == n and n > 1 and (lo, hi) != (a, b):
+                with gm.graph.inserting_before(node), ctx.provenance(gm, m, node):
+                    v2 = _call(gm.graph, torch.narrow, (v, k, lo - a, hi - lo))
+                node.args = tuple(v2 if x is v else x for x in node.args)
+        if view is None:
+            node.args = (node.args[0], tuple(idx)) + tuple(node.args[2:])
+        else:
+            view.args = (view.args[0], tuple(idx))
+            set_meta(view)
+        node.meta["spcompile_placement"] = Replicate() if view is None else \
+            node.meta.get("spcompile_placement")
+        if view is not None:
+            view.meta["spcompile_placement"] = Replicate()
 
 
 # ------------------------------------------------------------------ positions
@@ -621,8 +891,8 @@ def _from_owner(y, owner: int, group_name: str):
 
 
 class SequenceIndex(Pattern):
-    """``h[:, -1]``, ``h[:, 0]`` (last-token / CLS pooling): one token picked by a constant
-    index along the sequence. The index is a global position; the rank that holds it
+    """``h[:, -1]``, ``h[:, 0]`` (last-token / CLS pooling), ``h[:, :1]`` / ``h[:, -1:]``: one
+    token picked by a constant index (or a one-token slice) along the sequence. The index is a global position; the rank that holds it
     contributes, an all-reduce gives it to every rank. Several indexings of one value (a Python
     loop over tokens) are left to the fallback, which refuses them."""
     name = "sequence_index"
@@ -630,40 +900,55 @@ class SequenceIndex(Pattern):
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
         pl = ctx.placements
+        covered = set()
+        for m in ctx.matches:
+            covered |= set(m.nodes)
         for node, reason in _mixing(ctx, "getitem"):
-            if reason != "integer index into the sequence axis":
+            if reason not in ("integer index into the sequence axis", ONE_TOKEN_SLICE) or \
+                    node in covered:
                 continue
+            if any(mutates(u) for u in node.users):
+                continue  # y[:, :1].fill_(0): a write at a position (fixed_position_write)
             x = node.args[0]
             px = pl.get(x)
             sh = shape(x)
             if not isinstance(px, Shard) or px.merged or sh is None:
                 continue
             idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-            pos = _index_position(idx, px.dim, len(sh))
+            pos = _index_position(idx, px.dim, len(sh), slices=reason == ONE_TOKEN_SLICE)
             if pos is None:
                 yield FailedMatch(self.name, node, "index into the sequence axis is not a "
                                                    "plain integer")
                 continue
             siblings = [u for u, r in ctx.mixing.items() if u is not node and
                         canonical_name(u) == "getitem" and u.args[0] is x and u.users]
-            if siblings:
+            n = sh[px.dim]  # the tokens, or the chunk axis of a sequence split in two
+            if (siblings or n != ctx.seq_len) and _loop_like([node] + siblings, px.dim,
+                                                              len(sh), n):
                 yield FailedMatch(self.name, node, "several indexings of one value along the "
                                                    "sequence (a loop over tokens)")
                 continue
-            yield Match(self.kind, self.name, node, info={"index": idx[pos], "pos": pos,
-                                                          "dim": px.dim})
+            i = idx[pos]
+            yield Match(self.kind, self.name, node, info={
+                "index": i if isinstance(i, int) else (i.start or 0), "pos": pos,
+                "dim": px.dim, "keepdim": isinstance(i, slice),
+                # zeros_like(x[:, :1]): only the shape is read, nothing to fetch
+                "shape_only": all(canonical_name(u) in _SHAPE_ONLY_USERS for u in node.users)})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
         if ctx.world_size == 1:
             return
         node = m.anchor
-        T, P = ctx.seq_len, ctx.world_size
+        if m.info.get("shape_only"):
+            node.meta["spcompile_placement"] = Replicate()
+            return
+        T, P = shape(node.args[0])[m.info["dim"]], ctx.world_size  # the indexed axis' length
         g_idx = m.info["index"] % (T * P)
         if not -T * P <= m.info["index"] < T * P:
             return  # out of range eagerly too: leave it (and its error) as written
         owner, local = divmod(g_idx, T)
         idx = list(node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))
-        idx[m.info["pos"]] = local
+        idx[m.info["pos"]] = slice(local, local + 1) if m.info.get("keepdim") else local
         g = gm.graph
         with g.inserting_before(node), ctx.provenance(gm, m, node):
             y = _call(g, operator.getitem, (node.args[0], tuple(idx)))
@@ -671,8 +956,39 @@ class SequenceIndex(Pattern):
         _finish(ctx, node, out, Replicate())
 
 
-def _index_position(idx, dim: int, nd: int):
-    """Position in ``idx`` of the plain int that indexes input dim ``dim`` (None otherwise)."""
+_SHAPE_ONLY_USERS = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros",
+                     "new_ones", "new_empty", "new_full", "size", "dim", "shape"}
+
+
+def _loop_like(nodes, dim: int, nd: int, T: int) -> bool:
+    """Do these indexings of one value look like Dynamo's unrolled loop over its tokens: plain
+    non-negative indexes (or slices) that tile this rank's ``[0, T)``? ``h[:, 0]`` and
+    ``h[:, -1]`` (first and last token) do not; ``h[:, t]`` for every local ``t`` does."""
+    from ..graph_utils import tiles_axis
+    spans = []
+    for n in nodes:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        pos = _index_position(idx, dim, nd) if not any(isinstance(i, slice) and i != slice(None)
+                                                       for i in idx) else None
+        if pos is not None:
+            i = idx[pos]
+            if i < 0:
+                return False
+            spans.append((i, i + 1))
+            continue
+        sp = _seq_slice(n, dim, nd)
+        if sp is None:
+            return True  # something else along the sequence: leave it to the loop checks
+        a, b = sp
+        if (a is not None and a < 0) or (b is not None and b < 0):
+            return False
+        spans.append((a or 0, T if b is None else b))
+    return tiles_axis(spans, T) or spans == [(0, T)] or len(nodes) > 2
+
+
+def _index_position(idx, dim: int, nd: int, slices: bool = False):
+    """Position in ``idx`` of the plain int (``slices``: the one-token slice) that indexes
+    input dim ``dim`` (None otherwise)."""
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     d = 0
     for k, i in enumerate(idx):
@@ -682,6 +998,8 @@ def _index_position(idx, dim: int, nd: int):
             d += nd - n_real
             continue
         if d == dim:
+            if slices:
+                return k if isinstance(i, slice) else None
             return k if isinstance(i, int) and not isinstance(i, bool) else None
         d += 1
     return None
