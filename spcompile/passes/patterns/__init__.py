@@ -20,5 +20,7 @@ from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the mas
 REGISTRY.insert(1, ChunkStateRecurrence)
 from .loop_recurrence import LoopRecurrence  # noqa: E402 (owns the whole unrolled loop)
 REGISTRY.insert(2, LoopRecurrence)
+from .token_dispatch import TokenDispatch  # noqa: E402 (reports MoE dispatch; rewrites nothing)
+REGISTRY.append(TokenDispatch)
 
 __all__ = ["FailedMatch", "Found", "Match", "Pattern", "REGISTRY", "all_patterns"]

@@ -259,7 +259,23 @@ class CausalConv1d(Pattern):
         _finish(ctx, m.anchor, out, Shard(len(shape(out)) - 1))
 
 
+def _shift_next(x, s: int, dim: int, fill, group_name: str):
+    """x shifted left by ``s`` along ``dim``: its tokens after the first ``s``, then the next
+    rank's first ``s`` (``fill`` on the last rank, as ``pad(x, (0, s), value=fill)[..., s:]``
+    gives at the end of the sequence)."""
+    from ...collectives import group_rank, group_size, halo_from_next
+    halo = halo_from_next(x, s, dim=dim, group=group_name or None)
+    if not group_name or group_rank(group_name) == group_size(group_name) - 1:
+        halo = torch.full_like(halo, fill)
+    return torch.ops.spcompile.layout_barrier(
+        torch.cat([x.narrow(dim, s, x.shape[dim] - s), halo], dim=dim))
+
+
 class TokenShift(Pattern):
+    """``F.pad(x, (0, 0, s, -s))`` (RWKV's shift: the previous rank's last ``s`` tokens in
+    front) and ``F.pad(x, (0, s), value=v)[..., s:]`` (a left shift: HF 5's next-token labels
+    ``pad(labels, (0, 1), value=-100)[..., 1:]``; the next rank's first ``s`` tokens at the
+    end, ``v`` on the last rank)."""
     name = "token_shift"
     kind = "halo"
 
@@ -271,8 +287,8 @@ class TokenShift(Pattern):
             pads = list(arg(node, 1, "pad"))
             mode = arg(node, 2, "mode", "constant")
             value = arg(node, 3, "value", None)
-            if not isinstance(px, Shard) or mode != "constant" or value not in (None, 0, 0.0):
-                yield FailedMatch(self.name, node, "pad of a non-sharded value or not zeros")
+            if not isinstance(px, Shard) or px.merged or mode != "constant":
+                yield FailedMatch(self.name, node, "pad of a non-sharded value or not constant")
                 continue
             nd = len(shape(x))
             pos = 2 * (nd - 1 - px.dim)
@@ -280,6 +296,20 @@ class TokenShift(Pattern):
                 continue
             left, right = pads[pos], pads[pos + 1]
             others = pads[:pos] + pads[pos + 2:]
+            cuts = [_seq_slice(u, px.dim, nd) if canonical_name(u) == "getitem" else None
+                    for u in node.users]
+            if left == 0 and right > 0 and all(p == 0 for p in others) and cuts and all(
+                    c is not None and c[0] == right and c[1] in (None, shape(node)[px.dim])
+                    for c in cuts) and right <= shape(x)[px.dim]:
+                for u in node.users:
+                    yield Match(self.kind, "next_token_shift", u, bindings={"x": x},
+                                nodes={node, u}, info={"shift": -right, "dim": px.dim,
+                                                       "fill": 0 if value is None else value})
+                continue
+            if value not in (None, 0, 0.0):
+                yield FailedMatch(self.name, node, "pad of the sequence with a non-zero value "
+                                                   "that is not a left shift")
+                continue
             if left > 0 and right == -left and all(p == 0 for p in others):
                 yield Match(self.kind, self.name, node, bindings={"x": x},
                             info={"shift": left, "dim": px.dim})
@@ -293,8 +323,12 @@ class TokenShift(Pattern):
             return
         g = gm.graph
         with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
-                                    ctx.group_name))
+            if m.info["shift"] < 0:
+                out = _call(g, _shift_next, (m.bindings["x"], -m.info["shift"], m.info["dim"],
+                                             m.info["fill"], ctx.group_name))
+            else:
+                out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                        ctx.group_name))
         _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
 
 
