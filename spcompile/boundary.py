@@ -224,7 +224,8 @@ def tagging(fn: Callable, outs: List[Optional[Tuple[Any, bool]]],
     def run(*args: Any) -> Any:
         if seq_len is not None:
             _LAST["seq_len"] = seq_len
-            _LAST["tokens"] = tokens
+            if tokens:  # a graph of rows only ([B*T, E] router outputs) keeps the last counts
+                _LAST["tokens"] = tokens
         for x, p in zip(args, ins):
             if p is not None:
                 _tag(x, p, False, produced=False)

@@ -51,6 +51,8 @@ def check_ssm_lms(rank, P, rec):
           kinds={"linear_scan", "halo", "attention"}, **EAGER)
     exact(rank, P, rec, "HF LFM2 (short conv + attention)", lambda: H.LM("lfm2"), _ids(2, 32),
           kinds={"halo", "attention"})
+    exact(rank, P, rec, "HF Jamba (mamba + attention + MoE)", lambda: H.LM("jamba"),
+          _ids(2, 32), kinds={"cumsum", "halo", "attention", "dispatch"}, **EAGER)
 
 
 def check_p4(rank, P, rec):

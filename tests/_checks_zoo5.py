@@ -7,7 +7,7 @@ import torch
 
 import models_zoo5 as Z
 import _outcomes
-from _outcomes import exact
+from _outcomes import exact, refused
 
 FILE = "models_zoo5.py"
 
@@ -93,3 +93,26 @@ def check_p4(rank, P, rec):
     exact(rank, P, rec, "packed documents: position_ids given, mask per document",
           lambda: Z.PackedMaskAttention(given_positions=True), _with_packed_positions(2, 32),
           kinds={"attention", "halo", "cumsum"})
+
+
+def check_redteam(rank, P, rec):
+    """Spellings that gave wrong numbers (or a crash) before, found by a red-team pass."""
+    for cast in ("type_as", "to"):
+        exact(rank, P, rec, f"buffer.{cast}(x) keeps the buffer replicated",
+              lambda: Z.RandomFeatures(cast=cast), kinds={"cumsum", "reduction"})
+    exact(rank, P, rec, "complex projection, .real, cumsum", Z.ComplexReal, kinds={"cumsum"})
+    exact(rank, P, rec, "cosFormer get_index: nn.Parameter(arange) in forward",
+          Z.CosFormerIndex, kinds={"positions"})
+    exact(rank, P, rec, "autograd.Function writing into views in place", Z.InPlaceFunction)
+    exact(rank, P, rec, "y[:, 0] = bos, y[:, -1] = 0, y[:, 1:3].fill_()", Z.WritesAtPositions,
+          kinds={"positions", "cumsum"})
+    refused(rank, P, rec, "m = ones(T); m[0] = 0", Z.LocalLengthMask,
+            text=("fixed position", "torch.where"))
+    for T in (8 * P, 16 * P):  # one and two chunks per rank: a loop spcompile cannot take
+        refused(rank, P, rec, f"non-affine loop over chunks, {T // P // 8} per rank",
+                Z.ChunkLoop, T=T, text=("loop over tokens or chunks",))
+    # reads of all chunks but the (dead) last one: a loop, never a few global indexes
+    refused(rank, P, rec, "chunk view loop with an exclusive readout", Z.ChunkViewLoop,
+            text=("loop over tokens or chunks",))
+    exact(rank, P, rec, "loop recomputing a parameter-only value per step", Z.InvariantInLoop,
+          kinds={"loop_scan"}, T=4 * P)

@@ -242,6 +242,18 @@ def check_halo(rec: Recorder, r: int, P: int) -> None:
     (gx,) = grads((ys * shard(W, 1, r, P)).sum(), [xs])
     rec.close("halo/token_shift/fwd", ys, shard(y, 1, r, P))
     rec.close("halo/token_shift/dx", gx, shard(gx_ref, 1, r, P))
+    # left shift (HF 5's next-token labels pad(x, (0, 1))[..., 1:]): the next rank's first token
+    y = F.pad(xr, (0, 0, 0, 2))[:, 2:]
+    (gx_ref,) = grads((y * W).sum(), [xr])
+    xs = leaf(shard(x, 1, r, P))
+    ys = torch.cat([xs[:, 2:], C.halo_from_next(xs, 2, group=dist.group.WORLD)], dim=1)
+    (gx,) = grads((ys * shard(W, 1, r, P)).sum(), [xs])
+    rec.close("halo/from_next/fwd", ys, shard(y, 1, r, P))
+    rec.close("halo/from_next/dx", gx, shard(gx_ref, 1, r, P))
+    lab = torch.arange(T).view(1, T)
+    got = C.halo_from_next(shard(lab, 1, r, P), 1, group=dist.group.WORLD)
+    rec.true("halo/from_next/int", got.dtype == lab.dtype and int(got.sum()) ==
+             (0 if r == P - 1 else (r + 1) * Tl), str(got))
     try:
         C.halo_exchange(xs, Tl + 1, group=dist.group.WORLD)
         rec.true("halo/too_wide_error", False, "no error")
@@ -464,6 +476,7 @@ def check_opcheck(rec: Recorder, r: int, P: int) -> None:
                             (q, k, v, -rn(1, 8, 2).abs(), None, rn(1, 2, 4, 3), -rn(1, 2).abs(),
                              0.5, 4, name, "allgather", 1)),
         "halo_exchange": (halo._halo_exchange, (rn(2, 5, 3), 2, 1, name)),
+        "halo_from_next": (halo._halo_from_next, (rn(2, 5, 3), 2, 1, name)),
         "all_reduce": (reduce._all_reduce, (rn(3, 4), name, "max")),
         "gather_sequence_rs": (reduce._gather_sequence_rs, (rn(2, 5, 3), 1, name, "g")),
         "seq_to_heads": (attention._seq_to_heads, (rn(1, 4, 3, 5), name)),

@@ -5,7 +5,8 @@ against an eager run); ``LM`` wraps it as ``(ids[, labels]) -> logits`` or ``(lo
 with transformers' own loss. Names: decoders whose attention goes through transformers 5's
 ``masking_utils`` (llama with SDPA and eager attention, gpt2, mistral with a sliding window,
 gpt_neox), SSMs (mamba and falcon_mamba with ``use_associative_scan``, mamba2's chunk scan),
-hybrids (bamba: mamba2 + attention; lfm2: short convs + attention), and bloom (ALiBi, a
+hybrids (bamba: mamba2 + attention; lfm2: short convs + attention; jamba: mamba + attention +
+MoE), and bloom (ALiBi, a
 custom ``autograd.Function`` GeLU in training).
 """
 from __future__ import annotations
@@ -47,6 +48,13 @@ def make(name: str) -> nn.Module:
             num_key_value_heads=2, intermediate_size=48, mamba_n_heads=8, mamba_d_head=8,
             mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
             mamba_chunk_size=8, attn_layer_indices=[1], use_cache=False))
+    elif name == "jamba":
+        m = tf.JambaForCausalLM(tf.JambaConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=48, num_experts=2, num_experts_per_tok=1,
+            expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+            attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+            use_mamba_kernels=False, use_cache=False))
     elif name == "lfm2":
         m = tf.Lfm2ForCausalLM(tf.Lfm2Config(
             vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -355,3 +355,162 @@ class HF5CausalLMLoss(nn.Module):
         if self.reduction == "sum":
             loss = loss / (shift_labels != -100).sum()
         return loss, logits
+
+
+# ---------------------------------------------------------------- red-team finds (wrong before)
+class RandomFeatures(nn.Module):
+    """Performer-style features ``x @ P.type_as(x).T`` with a buffer ``P`` (``type_as`` / ``to``
+    lend only a dtype: ``P`` stays replicated), then a cumsum readout and a mean."""
+
+    def __init__(self, d: int = 16, f: int = 12, cast: str = "type_as"):
+        super().__init__()
+        self.lin, self.cast = nn.Linear(d, d), cast
+        self.register_buffer("P", torch.randn(f, d))
+
+    def forward(self, x):
+        h = self.lin(x)
+        P = self.P.type_as(h) if self.cast == "type_as" else self.P.to(h)
+        f = torch.exp(h @ P.T * 0.1)
+        return f.cumsum(1) * 0.01, f.mean(1)
+
+
+class ComplexReal(nn.Module):
+    """A complex projection read back with ``.real`` (LRU / S5 style), then a cumsum."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.B = nn.Parameter(torch.randn(d, d, dtype=torch.cfloat) / 4)
+
+    def forward(self, x):
+        y = (x.to(torch.cfloat) @ self.B.T).real
+        return y + y.cumsum(1) * 0.1
+
+
+class CosFormerIndex(nn.Module):
+    """cosFormer's ``get_index``: positions wrapped in ``nn.Parameter`` inside forward (a graph
+    break: Dynamo compiles ``get_index`` on its own, with no tensor input)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+
+    def get_index(self, seq_len):
+        index = 3.14159 / 2 * torch.arange(1, seq_len + 1).reshape(1, -1, 1)
+        return nn.Parameter(index, requires_grad=False)
+
+    def forward(self, x):
+        q = self.q(x)
+        return q * torch.sin(self.get_index(x.shape[1]).to(q) / 64)
+
+
+class _PairScan(torch.autograd.Function):
+    """An autograd.Function writing into views in place (mambapy's pscan style), token-local
+    here: ``out = x``, ``out[..., 1:] += x[..., :-1] * 0`` on the feature dim."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clone()
+        out[..., 1:].add_(x[..., :-1])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = g.clone()
+        gx[..., :-1].add_(g[..., 1:])
+        return gx
+
+
+class InPlaceFunction(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return _PairScan.apply(self.lin(x))
+
+
+class WritesAtPositions(nn.Module):
+    """``y[:, 0] = bos``, ``y[:, -1] = 0``, ``y[:, 1:3].fill_(0.5)``: global positions."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin, self.bos = nn.Linear(d, d), nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        y = self.lin(x).clone()
+        y[:, 0] = self.bos
+        y[:, -1] = 0
+        y[:, 1:3].fill_(0.5)
+        return y.cumsum(1)
+
+
+class LocalLengthMask(nn.Module):
+    """``m = torch.ones(T); m[0] = 0``: written at a position of a local-length buffer."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        m = torch.ones(x.shape[1])
+        m[0] = 0
+        return self.lin(x) * m[None, :, None]
+
+
+class ChunkLoop(nn.Module):
+    """A Python loop over chunks with a non-affine state (the delta rule's shape)."""
+
+    def __init__(self, d: int = 16, chunk: int = 8):
+        super().__init__()
+        self.p, self.C = nn.Linear(d, d), chunk
+
+    def forward(self, x):
+        B, T, D = x.shape
+        xc = self.p(x).view(B, T // self.C, self.C, D)
+        S = x.new_zeros(B, D, D)
+        o = torch.zeros_like(xc)
+        for i in range(T // self.C):
+            xi = xc[:, i]
+            o[:, i] = xi @ torch.tanh(S)
+            S = S + xi.transpose(1, 2) @ xi * 0.01
+        return o.reshape(B, T, D)
+
+
+class InvariantInLoop(nn.Module):
+    """A token loop that recomputes a parameter-only value every step (fla's RWKV-6
+    ``u[None, ..., None]``, MiniMax's ``block_decay``)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l, self.u = nn.Linear(d, d), nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        a = torch.sigmoid(self.l(x))
+        h = x.new_zeros(x.shape[0], x.shape[2])
+        o = torch.zeros_like(x)
+        for t in range(x.shape[1]):
+            u = torch.sigmoid(self.u)[None]
+            h = a[:, t] * h + x[:, t]
+            o[:, t] = h * u
+        return o
+
+
+class ChunkViewLoop(nn.Module):
+    """torchscale-style chunks: ``view(B, n, C, D)``, the state handed on by a loop over
+    ``kv[:, i]`` with an exclusive readout stacked after the loop (the last step's update is
+    dead: Dynamo drops it, so the reads cover all chunks but the last)."""
+
+    def __init__(self, d: int = 16, chunk: int = 4):
+        super().__init__()
+        self.qkv, self.C = nn.Linear(d, 3 * d), chunk
+
+    def forward(self, x):
+        B, T, D = x.shape
+        n = T // self.C
+        q, k, v = (t.view(B, n, self.C, D) for t in self.qkv(x).chunk(3, -1))
+        kv = k.transpose(-1, -2) @ v
+        state, rec = torch.zeros(B, D, D), []
+        for i in range(n):
+            rec.append(state)
+            state = state * 0.9 + kv[:, i]
+        return (q @ torch.stack(rec, 1)).reshape(B, T, D)

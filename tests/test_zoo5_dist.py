@@ -5,7 +5,8 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_associative_scans", "check_spellings", "check_masks", "check_losses"]
+P2 = ["check_associative_scans", "check_spellings", "check_masks", "check_losses",
+      "check_redteam"]
 P4 = ["check_p4"]
 
 

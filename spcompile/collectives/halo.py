@@ -1,5 +1,7 @@
 """Halo exchange for causal token mixing (Mamba's causal depthwise conv1d, RWKV token shift,
-sliding-window attention): rank r needs the last ``width`` positions of rank r-1.
+sliding-window attention): rank r needs the last ``width`` positions of rank r-1. A left shift
+(next-token labels) needs the other direction: ``halo_from_next``, the first ``width`` positions
+of rank r+1.
 
 Forward: one send to r+1 and one receive from r-1 (rank 0 gets zeros, the last rank sends
 nothing). Backward: the mirror: the halo's gradient goes back to r-1, which adds it to the
@@ -12,7 +14,7 @@ from torch import Tensor
 
 from . import runtime as rt
 
-__all__ = ["halo_exchange"]
+__all__ = ["halo_exchange", "halo_from_next"]
 
 
 def _exchange(send: Tensor, recv_shape, pg, to: int, frm: int, what: str) -> Tensor:
@@ -108,3 +110,81 @@ def halo_exchange(x: Tensor, width: int, *, dim: int = 1, group: rt.GroupLike = 
         shape[dim] = width
         return x.new_zeros(shape)
     return _halo_exchange(x, width, dim, name)
+
+
+# ------------------------------------------------------------------ the other direction
+@torch.library.custom_op("spcompile::halo_from_next", mutates_args=())
+def _halo_from_next(x: Tensor, width: int, dim: int, group: str) -> Tensor:
+    pg = rt.resolve_group(group)
+    shape = list(x.shape)
+    shape[dim] = width
+    if pg is None or pg.size() == 1:
+        return x.new_zeros(shape)
+    rt.check_uniform(pg, "halo_from_next", {
+        "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
+        "dtype": rt.dtype_code(x.dtype), "width": width},
+        hint=" (shard the sequence evenly and use one halo width)", like=x)
+    r = pg.rank()
+    return _exchange(x.narrow(dim, 0, width), shape, pg, r - 1, r + 1, "halo_from_next")
+
+
+@_halo_from_next.register_fake
+def _(x, width, dim, group):
+    shape = list(x.shape)
+    shape[dim] = width
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("spcompile::halo_from_next_bwd", mutates_args=())
+def _halo_from_next_bwd(grad: Tensor, length: int, dim: int, group: str) -> Tensor:
+    pg = rt.resolve_group(group)
+    width = grad.shape[dim]
+    shape = list(grad.shape)
+    shape[dim] = length
+    dx = grad.new_zeros(shape)
+    if pg is None or pg.size() == 1:
+        return dx
+    r = pg.rank()
+    head = _exchange(grad, grad.shape, pg, r + 1, r - 1, "halo_from_next backward")
+    dx.narrow(dim, 0, width).copy_(head)
+    return dx
+
+
+@_halo_from_next_bwd.register_fake
+def _(grad, length, dim, group):
+    shape = list(grad.shape)
+    shape[dim] = length
+    return grad.new_empty(shape)
+
+
+def _backward_next(ctx, grad):
+    if not ctx.float:
+        return None, None, None, None
+    return _halo_from_next_bwd(grad.contiguous(), ctx.length, ctx.dim, ctx.group), None, None, \
+        None
+
+
+def _setup_next(ctx, inputs, output):
+    x, width, dim, group = inputs
+    ctx.length, ctx.dim, ctx.group = x.shape[dim], dim, group
+    ctx.float = x.dtype.is_floating_point or x.dtype.is_complex
+
+
+_halo_from_next.register_autograd(_backward_next, setup_context=_setup_next)
+
+
+def halo_from_next(x: Tensor, width: int, *, dim: int = 1, group: rt.GroupLike = None) -> Tensor:
+    """The first ``width`` positions along ``dim`` of rank r+1 (zeros on the last rank): what a
+    left shift needs (next-token labels, ``pad(x, (0, s))[..., s:]``). Differentiable (the
+    gradient returns to r+1)."""
+    dim = dim % x.dim()
+    width = int(width)
+    if width < 0 or width > x.shape[dim]:
+        raise ValueError(f"halo_from_next: width {width} must be in [0, {x.shape[dim]}] (the "
+                         f"local length on dim {dim}): a halo may only reach into the next rank")
+    name = rt.group_name(group)
+    if rt.group_size(name) == 1 or width == 0:
+        shape = list(x.shape)
+        shape[dim] = width
+        return x.new_zeros(shape)
+    return _halo_from_next(x, width, dim, name)

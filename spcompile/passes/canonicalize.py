@@ -28,8 +28,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import (canonical_name, eliminate_dead_code, inside_vmap, set_meta, shape,
-                          tensor_val)
+from .graph_utils import (canonical_name, eliminate_dead_code, inside_vmap, mutates, set_meta,
+                          shape, stateful, tensor_val, val)
 from .pipeline import Ctx, register_pass
 
 _METHODS_TO_FUNCTIONS = {
@@ -427,6 +427,52 @@ def _lower_mha(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+_NONDETERMINISTIC = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like",
+                     "dropout", "bernoulli", "multinomial", "normal", "randperm", "empty",
+                     "empty_like", "new_empty"}
+
+
+def _hoist_parameter_values(gm: fx.GraphModule) -> None:
+    """Values computed from parameters and constants only, spelled the same way more than once
+    (a Python loop recomputing ``torch.sigmoid(self.u)[None]`` or ``exp(-slope * C)`` in every
+    step) become one node: the loop family then sees the same body in every step. Only pure,
+    deterministic ops whose inputs nothing mutates."""
+    from .sequence_axis import _is_param_or_buffer
+    mutated = set()
+    for n in gm.graph.nodes:
+        if mutates(n) and n.args and isinstance(n.args[0], fx.Node):
+            mutated.add(n.args[0])
+    static: dict = {}  # node → is it computed from parameters (and constants) only
+    seen: dict = {}
+    batched = inside_vmap(gm)
+    for n in list(gm.graph.nodes):
+        if n.op == "placeholder":
+            static[n] = _is_param_or_buffer(n) and n not in mutated
+            continue
+        if n.op == "get_attr":
+            static[n] = n not in mutated and isinstance(val(n), torch.Tensor)
+            continue
+        # only values that read a parameter: fresh tensors (a state's zeros, a mask's ones)
+        # keep one node per spelling, the families tell them apart by node
+        if n.op not in ("call_function", "call_method") or n in batched or mutates(n) or \
+                stateful(n) or n.is_impure() or (canonical_name(n) or "") in _NONDETERMINISTIC \
+                or n in mutated or not n.all_input_nodes or \
+                not all(static.get(a, False) for a in n.all_input_nodes) or \
+                not isinstance(val(n), torch.Tensor):
+            static[n] = False
+            continue
+        static[n] = True
+        try:
+            key = (n.op, n.target, repr(n.args), repr(sorted(n.kwargs.items())))
+        except Exception:  # noqa: BLE001 - an argument without a stable repr: leave it
+            continue
+        first = seen.setdefault(key, n)
+        if first is not n:
+            n.replace_all_uses_with(first)
+            gm.graph.erase_node(n)
+            static.pop(n, None)
+
+
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Spellings → one vocabulary (matmul, permute, torch functions)."""
@@ -460,6 +506,7 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             new = _new(gm, node, getattr(torch, name), tuple(node.args), dict(node.kwargs))
             _replace(gm, node, new)
     _positional_kwargs(gm)  # the methods turned into functions above
+    _hoist_parameter_values(gm)
     eliminate_dead_code(gm)
     gm.recompile()
     return gm

@@ -101,28 +101,38 @@ def _drop_matches_downstream_of_global_regions(ctx: Ctx) -> None:
     covered = set()
     for m in ctx.matches:
         covered |= set(m.nodes) | {m.anchor}
-    unsafe = []
+    unsafe, barriers = [], set()
     for node in ctx.mixing:
         if node in covered:
             continue
         p, out = ctx.placements.get(node), shape(node)
         if isinstance(p, Replicate):
+            barriers.add(node)
             continue  # a global reduction: replicated, correct downstream
         if isinstance(p, Shard) and out is not None and p.dim < len(out) and \
                 out[p.dim] == ctx.seq_len:
+            barriers.add(node)
             continue  # same length: the fallback re-shards it
         unsafe.append(node)
     if not unsafe:
         return
+    # the region ends at a fallback op whose result is re-sharded (or replicated): it is computed
+    # from gathered inputs, global values included, and what follows it holds this rank's part
+    # again (HF's packed-sequence mask: position_ids[:, :1] feeds only torch.diff)
     region, todo = set(), list(unsafe)
     while todo:
         n = todo.pop()
         for u in n.users:
+            if u in barriers:
+                continue
             if u not in region:
                 region.add(u)
                 todo.append(u)
     keep = []
     for m in ctx.matches:
+        if m.kind == "dispatch":  # rewrites nothing: its rules ran on the final placements
+            keep.append(m)
+            continue
         if m.anchor in region or (set(m.nodes) & region):
             ctx.near_misses.append(FailedMatch(
                 m.pattern, m.anchor, "downstream of an op computed on the gathered sequence "

@@ -78,6 +78,10 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
     op = canonical_name(node) or str(node.target)
     src = source_line(node)
     where = f"{op} at {src or node.name}"
+    from .dispatch import refusal
+    msg = refusal(ctx, node, where, reason)
+    if msg is not None:  # sorted rows (MoE dispatch): gathering them would not help
+        raise SequenceParallelError(msg)
     if ctx.options.strict:
         raise SequenceParallelError(
             f"spcompile (strict): {where} mixes tokens along the sharded sequence axis "
@@ -92,10 +96,17 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
     for a in node.all_input_nodes:
         p = pl.get(a)
         if isinstance(p, Shard) and p.merged:
+            hint = ""
+            if op in _ROUTING_OPS:
+                hint = (" Over the flattened tokens this is e.g. expert-choice routing (each "
+                        "expert picks its top tokens) or a capacity limit that drops tokens by "
+                        "their place among all tokens: both depend on every rank's tokens, so "
+                        "the sharded result would differ. Route each token on its own scores "
+                        "(token-choice top-k, no dropping).")
             raise SequenceParallelError(
                 f"spcompile: {where} mixes tokens of a value whose sequence axis was merged with "
-                f"another dim (e.g. [B*T, ...]); apply it before flattening, or keep the sequence "
-                f"dim separate.")
+                f"another dim (e.g. [B*T, ...]) ({reason}); apply it before flattening, or keep "
+                f"the sequence dim separate.{hint}")
     gathered = {}
     with gm.graph.inserting_before(node), ctx.provenance(gm, None, node):
         rebuild = _GlobalRebuild(gm, ctx, where, reason)
@@ -145,6 +156,40 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
                   f"and no pattern covers it: computing it on the gathered sequence (correct, "
                   f"but it moves the whole sequence). Use strict=True to make this an error.",
                   stacklevel=2)
+
+
+# ops over the flattened tokens that route by rank among tokens (expert choice, capacity)
+_ROUTING_OPS = {"topk", "sort", "argsort", "cumsum", "cumprod", "kthvalue", "msort"}
+
+
+def _allreduce_counts(gm: fx.GraphModule, ctx: Ctx) -> bool:
+    """Per-expert counts of this rank's rows (``histc``/``bincount``, see ``dispatch``) used as
+    values (a load-balancing loss, a returned statistic) mean the global counts: all-reduced
+    (sum) for those uses; the grouped matmuls keep this rank's counts. → whether it changed
+    the graph."""
+    from .sequence_axis import GroupCounts
+    uses = {n: list(cs) for n, cs in ctx.count_uses.items()}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = [a for a in out.all_input_nodes if isinstance(ctx.placements.get(a), GroupCounts)]
+    if returned:
+        uses[out] = returned
+    done: Dict[fx.Node, fx.Node] = {}
+    for user, counts in uses.items():
+        for c in counts:
+            if c not in done:
+                with gm.graph.inserting_after(c), ctx.provenance(gm, None, c):
+                    red = gm.graph.call_function(torch.ops.spcompile.allreduce.default,
+                                                 (c, "sum", ctx.group_name))
+                set_meta(red)
+                red.meta["spcompile_placement"] = Replicate()
+                done[c] = red
+                from .patterns.base import Match
+                ctx.matches.append(Match(
+                    "reduction", "expert_counts", c, info={"op": canonical_name(c)},
+                    strategy="allreduce", reason="this rank's per-expert counts, used as a "
+                    "value: summed over ranks (the grouped matmuls keep the local counts)"))
+            user.replace_input_with(c, done[c])
+    return bool(done)
 
 
 _REBUILD_THROUGH = ELEMENTWISE | {"getitem", "unsqueeze", "view", "reshape", "expand"}
@@ -357,21 +402,34 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
     * on a token-local value (``logsigmoid(g) / 16`` with ``T_local = 16``) it is probably
       a coincidence: a warning.
 
+    A multiple ``m·N`` of a flattened token count ``N = B·T_local`` (``routing_weights.shape[0]``
+    summed over layers: HF's MoE load-balancing loss without an attention mask) is suspect only
+    in the first case (a global sum over the rows divided by this rank's row count).
+
     ``length_constants="warn"`` makes both warnings, ``"ignore"`` silences both."""
     mode = getattr(ctx.options, "length_constants", "error")
     T = ctx.seq_len
-    if mode == "ignore" or not T or T < 2:
+    from ..boundary import last_tokens
+    tokens = ctx.tokens or (last_tokens() if ctx.world_size > 1 else ())
+    if mode == "ignore" or ((not T or T < 2) and not tokens):
         return
     pl = ctx.placements
-    suspects = {float(T): "T", float(2 * T): "2·T", 1.0 / T: "1/T", 1.0 / (2 * T): "1/(2·T)"}
+    suspects = {float(T): "T", float(2 * T): "2·T", 1.0 / T: "1/T",
+                1.0 / (2 * T): "1/(2·T)"} if T and T >= 2 else {}
+    rows = {}  # multiples of the flattened token counts: suspect on mixed values only
+    for n in tokens:
+        if n != T and n >= 2:
+            for m in range(1, 17):
+                rows.setdefault(float(m * n), f"{m}·{n} (rows: {m} × B·T_local)")
+                rows.setdefault(1.0 / (m * n), f"1/({m}·{n}) (rows)")
     derived, mixed = set(), set()  # from the sequence at all; from sequence-mixing values
     for node in gm.graph.nodes:
         ins = node.all_input_nodes
         if not isinstance(pl.get(node, Replicate()), Replicate) or any(a in derived for a in ins):
             derived.add(node)
         made = (node.meta.get("spcompile") or {}).get("pass") == "rewrite"
-        if made or node in ctx.mixing or isinstance(pl.get(node), (Pair, Partial)) or any(
-                a in mixed for a in ins):
+        if made or node in ctx.mixing or node in ctx.count_uses or \
+                isinstance(pl.get(node), (Pair, Partial)) or any(a in mixed for a in ins):
             mixed.add(node)
     for node in gm.graph.nodes:
         if canonical_name(node) not in _ARITH or not any(
@@ -381,20 +439,26 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
             if isinstance(c, bool) or not isinstance(c, (int, float)):
                 continue
             hit = next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
+            strong = any(a in mixed for a in node.all_input_nodes)
+            if hit is None and strong:
+                hit = next((k for v, k in rows.items() if abs(float(c) - v) <= 1e-9 * v), None)
             if hit is None:
                 continue
             where = source_line(node) or node.name
-            strong = any(a in mixed for a in node.all_input_nodes)
+            moe = ("rows" in hit) * (
+                " (HF's load_balancing_loss_func counts rows with routing_weights.shape[0] when "
+                "attention_mask is None: pass attention_mask=torch.ones_like(input_ids), which "
+                "makes the count a sum over the tokens)")
             msg = (f"spcompile: the constant {c} in {canonical_name(node)} at {where} equals "
                    f"{hit} for this rank's local length T = {T}"
                    + (" and is applied to a value that mixes the sequence or depends on "
                       "positions" if strong else "") +
-                   f". If it was computed from the sequence length (x.shape[1], seq_len, ...), "
-                   f"it is the LOCAL length here and the sharded result would be wrong: "
-                   f"spcompile only sees the folded number. Derive the value from a tensor "
-                   f"instead (e.g. torch.arange(T), a mean over the sequence), or pass "
-                   f"options={{'length_constants': 'ignore'}} if the number does not come from "
-                   f"the sequence length.")
+                   f". If it was computed from the sequence length (x.shape[1], seq_len, "
+                   f"a count of rows, ...), it is the LOCAL length here and the sharded result "
+                   f"would be wrong: spcompile only sees the folded number. Derive the value "
+                   f"from a tensor instead (e.g. torch.arange(T), a mean over the sequence)"
+                   f"{moe}, or pass options={{'length_constants': 'ignore'}} if the number "
+                   f"does not come from the sequence length.")
             if mode == "error" and strong:
                 raise SequenceParallelError(msg)
             warnings.warn(msg, stacklevel=2)
@@ -522,7 +586,11 @@ def _boundary_io(gm: fx.GraphModule, ctx: Ctx, pl) -> None:
     replicated input that an earlier graph returned through ``replicated_output`` gets
     ``replicated_input`` (backward × P), so its gradient is divided by P once, not twice."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
+    from .dispatch import output_refusal
     for a in out.all_input_nodes:
+        msg = output_refusal(ctx, a)
+        if msg is not None:
+            raise SequenceParallelError(msg)
         if isinstance(pl.get(a), Pair):
             raise SequenceParallelError(
                 f"spcompile: the T×T value {canonical_name(a)} at {source_line(a) or a.name} "
@@ -588,6 +656,9 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
                    f"holds one chunk per rank (x.view(B, T // C, C, ...) with T = C locally)")
     by_source: dict = {}
     for node, reason in ctx.mixing.items():
+        p = ctx.placements.get(node.args[0]) if node.args else None
+        if isinstance(p, Shard) and p.order:
+            continue  # rows in the order of a sort (MoE dispatch): its own refusal says why
         if canonical_name(node) == "getitem" and reason in _INDEXING and node.users:
             by_source.setdefault(node.args[0], []).append(node)
     T = ctx.seq_len
@@ -598,6 +669,7 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
         # the axis indexed: the tokens (length T), or the chunks of a sequence split in two
         # (x.view(B, T // C, C, D)): its own length counts
         n = shape(src)[p.dim] if shape(src) is not None else T
+        n = n if n < T else T  # a value longer than the sequence (a cat of two) reads as T
         spans = [sp for sp in (seq_span(x, p.dim, n) for x in nodes) if sp is not None]
         one_chunk = n != T and spans == [(0, n)]  # a loop over chunks with one per rank
         if len(nodes) >= 3 or tiles_axis(spans, n) or one_chunk:
@@ -668,6 +740,8 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                     if tensor_val(n) is not None}
     for _ in range(1000):
         pl = analyze(gm, ctx)
+        if _allreduce_counts(gm, ctx):
+            continue
         node = _first_mixing(gm, ctx)
         if node is None:
             break

@@ -327,8 +327,33 @@ def run_node_on_values(node: fx.Node, env_val=val) -> Any:
         return call()
 
 
+def _autocast_at(node: fx.Node):
+    """The ``torch.autocast`` region Dynamo recorded around ``node`` (``_enter_autocast`` ...
+    ``_exit_autocast``): its (device, dtype, enabled) arguments, or None."""
+    enter = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
+    if enter is None or not node.graph.find_nodes(op="call_function", target=enter):
+        return None  # (the common case, without a walk)
+    depth, n = 0, node.prev
+    while n.op != "root":
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name == "_exit_autocast":
+            depth += 1
+        elif name == "_enter_autocast":
+            if depth == 0:
+                return n.args[:3]
+            depth -= 1
+        n = n.prev
+    return None
+
+
 def set_meta(node: fx.Node) -> Any:
-    """Fill ``meta['example_value']`` of a node a pass created."""
-    out = run_node_on_values(node)
+    """Fill ``meta['example_value']`` of a node a pass created, under the autocast state of
+    where it sits (a matmul of fp32 and bf16 values is legal only inside the region)."""
+    ac = _autocast_at(node)
+    if ac is not None and len(ac) == 3 and ac[2]:
+        with torch.autocast(ac[0], dtype=ac[1]):
+            out = run_node_on_values(node)
+    else:
+        out = run_node_on_values(node)
     node.meta["example_value"] = out
     return out

@@ -62,6 +62,10 @@ class Ctx:
     near_misses: List[Any] = field(default_factory=list)
     fallbacks: List[Any] = field(default_factory=list)
     mixing: Dict[fx.Node, str] = field(default_factory=dict)  # token-mixing ops (sequence_axis)
+    # MoE token dispatch (passes/dispatch.py): sort key → Permutation, and the ops that use
+    # this rank's per-expert counts as values (the fallback all-reduces the counts for them)
+    dispatch: Dict[str, Any] = field(default_factory=dict)
+    count_uses: Dict[fx.Node, List[fx.Node]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     records: List[PassRecord] = field(default_factory=list)
     current_pass: str = ""

@@ -14,7 +14,8 @@ import torch.fx as fx
 from .pipeline import Ctx, register_pass
 
 DEFAULTS = {"linear_scan": "allgather", "attention": "kv_allgather", "halo": "halo",
-            "reduction": "allreduce", "positions": "offset", "cumsum": "prefix"}
+            "reduction": "allreduce", "positions": "offset", "cumsum": "prefix",
+            "dispatch": "local"}
 
 
 def _problem(match, ctx: Ctx) -> Optional[Dict[str, Any]]:
@@ -48,7 +49,8 @@ def choose(match, ctx: Ctx) -> None:
         return
     problem = _problem(match, ctx)
     if problem is None:
-        match.strategy, match.reason = DEFAULTS.get(match.kind, "default"), "only strategy"
+        match.strategy = DEFAULTS.get(match.kind, "default")
+        match.reason = match.reason or "only strategy"
         return
     try:
         from .. import cost_model

@@ -12,6 +12,11 @@ Placements (one per node, in ``ctx.placements``):
 * ``Mixing(reason)`` — an op mixes tokens along the sharded axis and no rule covers it: a
   pattern must match it, or the fallback gathers around it.
 
+The token dispatch of MoE layers (sort the flattened rows by expert, grouped matmuls, unsort;
+``spcompile.passes.dispatch``) adds rows in the order of a sort (``Shard(..., order=key)``),
+row numbers (``RowIndex``), per-expert counts of this rank's rows (``GroupCounts``) and the
+two results of ``sort`` (``Outputs``).
+
 Inputs: a user input is ``Shard(seq_dim)`` (option ``seq_dim``, per-input ``input_seq_dims``
 or ``spcompile.mark_sequence``) when it has that dim; parameters and buffers are ``Replicate``.
 The rules below are the ``RULES`` table: op name → function(node, placements) → Placement.
@@ -45,14 +50,19 @@ class Shard:
     # rows: rank-local rows that eager code picked between compiled graphs (the tokens MoE
     # routing sent to one expert): token-local ops only; nothing may reduce or mix them
     rows: bool = False
+    # order: "" = token order; else the key of the sort (``dispatch``) whose order the rows are
+    # in (merged, inner 0): this rank's rows permuted by its own sort, row-by-row ops only
+    order: str = ""
 
     def at(self, dim: int) -> "Shard":
-        """The same sequence axis (merged, stride, rows) at another dim."""
-        return Shard(dim, self.merged, self.inner, self.rows)
+        """The same sequence axis (merged, stride, rows, order) at another dim."""
+        return Shard(dim, self.merged, self.inner, self.rows, self.order)
 
     def __str__(self) -> str:
         if self.rows:
             return f"Rows({self.dim})"
+        if self.order:
+            return f"S({self.dim},order of {self.order})"
         return f"S({self.dim}{f',merged/{self.inner}' if self.merged else ''})"
 
 
@@ -78,6 +88,44 @@ class Mixing:
 
     def __str__(self) -> str:
         return f"Mixing({self.reason})"
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """Row numbers of this rank's rows (dim 0 of the value; constant along its other dims):
+    ``x[idx]`` takes the rows of an ``x`` laid out as ``src`` (``n_src`` rows) into the layout
+    ``dst``. The indices of a sort along the token axis, ``perm // k``, the inverse
+    permutation. ``bijective``: a permutation of ``range(n_src)``."""
+    src: Shard
+    n_src: int
+    dst: Shard
+    bijective: bool
+
+    def __str__(self) -> str:
+        return f"RowIndex({self.src}->{self.dst})"
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """Per-group (expert) counts of this rank's rows (``histc``/``bincount`` of their ids) or,
+    ``cumulative``, their ``cumsum``: the group offsets of a grouped matmul over rows sorted by
+    those ids. As a value anywhere else they mean the global counts, their sum over ranks.
+    ``ids``: the node counted; ``why``: why they cannot be offsets ("" = they can)."""
+    ids: str
+    cumulative: bool = False
+    why: str = ""
+
+    def __str__(self) -> str:
+        return f"{'Offsets' if self.cumulative else 'Counts'}({self.ids})"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One placement per result of a multi-output op (``sort``: values, indices)."""
+    items: Tuple[Any, ...]
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(str(p) for p in self.items) + ")"
 
 
 R = Replicate()
@@ -130,7 +178,19 @@ class Analyzer:
         self.pl: Dict[fx.Node, Placement] = {}
         self.mixing: Dict[fx.Node, str] = {}  # ops that mix tokens: a pattern or the fallback
         self.demoted: set = set()  # arange(T) candidates that turned out not to be positions
+        self.not_positions: set = set()  # arange(n) a rule read as row numbers 0..n-1
         self.conflicts: Dict[fx.Node, str] = {}
+        self.perms: Dict[str, Any] = {}  # sort key → dispatch.Permutation (see dispatch)
+        self.count_uses: Dict[fx.Node, List[fx.Node]] = {}  # ops using GroupCounts as values
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """What one propagation collects besides placements (also for a sub-analysis of a
+        custom autograd function's body, which never runs ``run_once``)."""
+        self.vmapped: Dict[Any, bool] = {}  # vmap levels whose batch dim is the sequence
+        self.unit_chunks: Dict[fx.Node, int] = {}  # views splitting T into (1 chunk, T)
+        self.perms, self.count_uses = {}, {}
+        self.pos = {n: i for i, n in enumerate(self.gm.graph.nodes)}
 
     def get(self, a: Any) -> Placement:
         if isinstance(a, fx.Node):
@@ -263,6 +323,7 @@ class Analyzer:
                 from .graph_utils import ancestors
                 bad |= {a for a in ancestors(node) | {node}
                         if self.is_positions(a)}
+            bad |= {a for a in self.not_positions if self.is_positions(a)}
             if not bad:
                 return pl
             self.demoted |= bad
@@ -270,9 +331,9 @@ class Analyzer:
 
     def run_once(self) -> Dict[fx.Node, Placement]:
         self.pl, self.mixing, self.conflicts = {}, {}, {}
-        self.vmapped: Dict[Any, bool] = {}  # vmap levels whose batch dim is the sequence
-        self.unit_chunks: Dict[fx.Node, int] = {}  # views splitting T into (1 chunk, T)
+        self._fresh_state()
         self.ctx.mixing = self.mixing
+        self.ctx.dispatch, self.ctx.count_uses = self.perms, self.count_uses
         from ..boundary import called_from_compiled_frame, in_resume_frame, last_seq_len, \
             read_tag
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -295,7 +356,11 @@ class Analyzer:
             self.pl[placeholders[i]] = self.input_placement(
                 i, placeholders[i], examples[i],
                 eager_made=resume and _from_stack(placeholders[i]), nested=nested)
-        if nested and not any(isinstance(self.pl[n], Shard) for n in placeholders):
+        if nested and not any(isinstance(self.pl[n], Shard) for n in placeholders) and any(
+                isinstance(ex, torch.Tensor) and ex.dim() > 0 and not _is_param_or_buffer(n) and
+                not isinstance(ex, torch.nn.Parameter) for n, ex in zip(placeholders, examples)):
+            # (a frame with no tensor input of its own, cosFormer's get_index(seq_len), keeps
+            # the caller's length: an arange(seq_len) there is this rank's positions)
             self.rows_inputs(placeholders, examples)
         self.ctx.tokens = tuple(sorted(self.token_counts(own=True)))
         for node in self.gm.graph.nodes:
@@ -365,6 +430,10 @@ class Analyzer:
             return R
         if any(isinstance(p, Mixing) for p in ps):
             return Mixing("input is mixed", None)
+        from .dispatch import route  # sorted rows, row numbers, group counts (MoE dispatch)
+        p = route(self, node, name, ps)
+        if p is not None:
+            return p
         if any(isinstance(p, Pair) for p in ps) and name not in ELEMENTWISE:
             if name in ("matmul",):
                 return self.matmul(node)
@@ -439,6 +508,9 @@ class Analyzer:
             if res is None:
                 res = q
             elif res != q:
+                if isinstance(res, Shard) and isinstance(q, Shard) and res.order != q.order:
+                    return Mixing(f"rows in different orders ({res} vs {q}): row i of one is "
+                                  f"not the token of row i of the other")
                 if isinstance(res, Shard) and isinstance(q, Shard) and res.dim == q.dim:
                     res = Shard(res.dim, res.merged or q.merged, res.inner or q.inner,
                                 res.rows or q.rows)
@@ -454,8 +526,23 @@ class Analyzer:
                     self.conflicts[node] = f"{res} vs {q}"
                     return Mixing(f"inputs sharded differently ({res} vs {q})")
         # a replicated operand that spans the sequence length on the sharded dim broadcasts a
-        # *local-length* constant: fine (token-local), nothing to do.
+        # *local-length* constant: fine (token-local), nothing to do. Not so for rows in the
+        # order of a sort: a constant per position there (arange over the sorted rows, a
+        # capacity rank) is not a function of the row.
+        if isinstance(res, Shard) and res.order:
+            from .dispatch import position_constant
+            bad = position_constant(self, node, res.dim)
+            if bad is not None:
+                return Mixing(f"{canonical_name(node)} combines the rows sorted at "
+                              f"{self.sort_line(res.order)} with {bad}, which varies along them "
+                              f"by position: on a rank that is the position among its own rows")
         return res if res is not None else R
+
+    def sort_line(self, key: str) -> str:
+        """The user line of the sort whose order ``key`` names (for messages)."""
+        from .pipeline import source_line
+        info = self.perms.get(key)
+        return (source_line(info.node) or info.node.name) if info is not None else key
 
     def reduction(self, node: fx.Node, name: str) -> Placement:
         x = node.args[0]
@@ -541,6 +628,14 @@ class Analyzer:
         if not isinstance(p, Shard):
             return Mixing(f"reshape of {p}") if not isinstance(p, Partial) else Partial()
         ish, osh = shape(x), shape(node)
+        if p.order:  # sorted rows: only reshapes that keep the row dim whole
+            pre, acc = math.prod(ish[:p.dim]), 1
+            for j, s in enumerate(osh):
+                if acc == pre and s == ish[p.dim]:
+                    return p.at(j)
+                acc *= s
+            return Mixing(f"reshape regroups the rows sorted at {self.sort_line(p.order)} (on a "
+                          f"rank, consecutive sorted rows are not those of the full sequence)")
         q = _map_reshape(ish, osh, p, self.ctx.seq_len)
         if isinstance(q, Shard) and not q.merged and q.dim > 0 and osh[q.dim - 1] == 1 and \
                 len(osh) == len(ish) + 1 and osh[q.dim] == ish[p.dim] and \
@@ -707,6 +802,8 @@ class Analyzer:
             return {nd - 2: "contr", nd - 1: "col"}.get(p.dim, ("batch", p.dim - nd))
 
         ra, rb = role(pa, na, True), role(pb, nb, False)
+        if isinstance(pa, Shard) and isinstance(pb, Shard) and pa.order != pb.order:
+            return Mixing(f"matmul of rows in different orders ({pa} vs {pb})")
         if ra == "pair" and rb == "contr":
             return Mixing("T×T scores times values", no - 2)
         if "pair" in (ra, rb) or "other" in (ra, rb):
@@ -831,10 +928,16 @@ class Analyzer:
         p = self.get(x)
         r = arg(node, 1, "repeats")
         d = arg(node, 2, "dim")
+        if d is None and _nd(x) == 1:
+            d = 0  # dim=None flattens: a 1-D value is repeated along its one dim
         if isinstance(p, Shard) and isinstance(d, int) and not (
                 isinstance(r, fx.Node) and not isinstance(self.get(r), Replicate)):
             if _norm(d, _nd(x)) != p.dim or (isinstance(r, int) and not p.merged):
                 return p
+            if isinstance(r, int) and p.merged and p.inner and not p.order and not p.rows:
+                # flattened tokens [B*T, ...] → each row r times in place: [B*T*r, ...], the
+                # sequence factor's stride grows r-fold (HF batched_mm's (token, choice) rows)
+                return Shard(p.dim, True, p.inner * r)
         return Mixing("repeat_interleave along the sequence axis",
                       p.dim if isinstance(p, Shard) else None)
 

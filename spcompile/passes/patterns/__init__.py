@@ -4,7 +4,7 @@ from .linear_attention import MaskedLinearAttention
 from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, FixedPositionWrite, LeadingRowScan,
-                           Positions, SDPAttention, LeftShift, SequenceDiff, SequenceIndex, SequenceReduction,
+                           Positions, SDPAttention, SequenceDiff, SequenceIndex, SequenceReduction,
                            SequenceScan, ShiftedLoss, TokenShift)
 
 
@@ -14,7 +14,7 @@ def all_patterns():
 
 
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
-            LeftShift, SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
+            SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
             SequenceIndex, CumsumLinearAttention, LeadingRowScan, SequenceScan,
             FixedPositionWrite]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
@@ -24,5 +24,7 @@ from .loop_recurrence import LoopRecurrence  # noqa: E402 (owns the whole unroll
 REGISTRY.insert(2, LoopRecurrence)
 from .associative_scan import AssociativeScan  # noqa: E402 (owns the inlined scan)
 REGISTRY.insert(3, AssociativeScan)
+from .token_dispatch import TokenDispatch  # noqa: E402 (reports MoE dispatch; rewrites nothing)
+REGISTRY.append(TokenDispatch)
 
 __all__ = ["FailedMatch", "Found", "Match", "Pattern", "REGISTRY", "all_patterns"]

@@ -259,7 +259,25 @@ class CausalConv1d(Pattern):
         _finish(ctx, m.anchor, out, Shard(len(shape(out)) - 1))
 
 
+def _shift_next(x, s: int, dim: int, fill, group_name: str):
+    """x shifted left by ``s`` along ``dim``: its tokens after the first ``s``, then the next
+    rank's first ``s`` (``fill`` on the last rank, as ``pad(x, (0, s), value=fill)[..., s:]``
+    gives at the end of the sequence)."""
+    from ...collectives import group_rank, group_size, halo_from_next
+    halo = halo_from_next(x, s, dim=dim, group=group_name or None)
+    # a where, not a branch: the halo is used on every rank, so its backward (a neighbour
+    # exchange) runs on every rank too
+    last = not group_name or group_rank(group_name) == group_size(group_name) - 1
+    halo = torch.where(torch.tensor(last, device=x.device), torch.full_like(halo, fill), halo)
+    return torch.ops.spcompile.layout_barrier(
+        torch.cat([x.narrow(dim, s, x.shape[dim] - s), halo], dim=dim))
+
+
 class TokenShift(Pattern):
+    """``F.pad(x, (0, 0, s, -s))`` (RWKV's shift: the previous rank's last ``s`` tokens in
+    front) and ``F.pad(x, (0, s), value=v)[..., s:]`` (a left shift: HF 5's next-token labels
+    ``pad(labels, (0, 1), value=-100)[..., 1:]``; the next rank's first ``s`` tokens at the
+    end, ``v`` on the last rank)."""
     name = "token_shift"
     kind = "halo"
 
@@ -271,8 +289,8 @@ class TokenShift(Pattern):
             pads = list(arg(node, 1, "pad"))
             mode = arg(node, 2, "mode", "constant")
             value = arg(node, 3, "value", None)
-            if not isinstance(px, Shard) or mode != "constant" or value not in (None, 0, 0.0):
-                yield FailedMatch(self.name, node, "pad of a non-sharded value or not zeros")
+            if not isinstance(px, Shard) or px.merged or mode != "constant":
+                yield FailedMatch(self.name, node, "pad of a non-sharded value or not constant")
                 continue
             nd = len(shape(x))
             pos = 2 * (nd - 1 - px.dim)
@@ -280,6 +298,20 @@ class TokenShift(Pattern):
                 continue
             left, right = pads[pos], pads[pos + 1]
             others = pads[:pos] + pads[pos + 2:]
+            cuts = [_seq_slice(u, px.dim, nd) if canonical_name(u) == "getitem" else None
+                    for u in node.users]
+            if left == 0 and right > 0 and all(p == 0 for p in others) and cuts and all(
+                    c is not None and c[0] == right and c[1] in (None, shape(node)[px.dim])
+                    for c in cuts) and right <= shape(x)[px.dim]:
+                for u in node.users:
+                    yield Match(self.kind, "next_token_shift", u, bindings={"x": x},
+                                nodes={node, u}, info={"shift": -right, "dim": px.dim,
+                                                       "fill": 0 if value is None else value})
+                continue
+            if value not in (None, 0, 0.0):
+                yield FailedMatch(self.name, node, "pad of the sequence with a non-zero value "
+                                                   "that is not a left shift")
+                continue
             if left > 0 and right == -left and all(p == 0 for p in others):
                 yield Match(self.kind, self.name, node, bindings={"x": x},
                             info={"shift": left, "dim": px.dim})
@@ -293,8 +325,12 @@ class TokenShift(Pattern):
             return
         g = gm.graph
         with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
-                                    ctx.group_name))
+            if m.info["shift"] < 0:
+                out = _call(g, _shift_next, (m.bindings["x"], -m.info["shift"], m.info["dim"],
+                                             m.info["fill"], ctx.group_name))
+            else:
+                out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                        ctx.group_name))
         _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
 
 
@@ -353,70 +389,6 @@ class SequenceDiff(Pattern):
         _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
 
 
-def _shift_left(x, k: int, dim: int, value, group_name: str):
-    """``F.pad(x, (0, k) on dim, value=v)[k:]`` on this rank's shard: its own tokens from the
-    ``k``-th on, then the first ``k`` tokens of the next rank (``v`` on the last rank). Those
-    come from one all-gather of every rank's first ``k`` tokens (reduce-scatter backward)."""
-    T = x.shape[dim]
-    own = x.narrow(dim, k, T - k)
-    if not group_name:
-        fill = torch.full_like(x.narrow(dim, 0, k), value if value is not None else 0)
-        return torch.cat([own, fill], dim=dim)
-    from ...collectives import group_rank, group_size
-    r, P = group_rank(group_name), group_size(group_name)
-    heads = spops.gather_seq(x.narrow(dim, 0, k).contiguous(), dim, group_name)  # [.., P*k, ..]
-    if r == P - 1:
-        nxt = torch.full_like(x.narrow(dim, 0, k), value if value is not None else 0)
-        nxt = torch.where(torch.zeros((), dtype=torch.bool), heads.narrow(dim, 0, k), nxt)
-    else:
-        nxt = heads.narrow(dim, (r + 1) * k, k)
-    return torch.cat([own, nxt], dim=dim)
-
-
-class LeftShift(Pattern):
-    """``F.pad(x, (0, k), value=v)[..., k:]`` along the sequence: HF transformers 5's causal-LM
-    loss shifts the labels this way (``labels = F.pad(labels, (0, 1), value=-100);
-    shift_labels = labels[..., 1:]``). Each rank needs the first ``k`` tokens of the next."""
-    name = "shift_left"
-    kind = "halo"
-
-    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
-        pl, T = ctx.placements, ctx.seq_len
-        for sl, reason in _mixing(ctx, "getitem"):
-            pad = sl.args[0]
-            if reason != "slice of the sequence axis" or canonical_name(pad) != "pad" or \
-                    pad not in ctx.mixing:
-                continue
-            x = pad.args[0]
-            px, sx = pl.get(x), shape(x)
-            if not isinstance(px, Shard) or px.merged or sx is None or sx[px.dim] != T:
-                continue
-            pads = list(arg(pad, 1, "pad"))
-            mode = arg(pad, 2, "mode", "constant")
-            value = arg(pad, 3, "value", None)
-            pos = 2 * (len(sx) - 1 - px.dim)
-            if mode != "constant" or pos + 1 >= len(pads) or pads[pos] != 0 or \
-                    any(p != 0 for i, p in enumerate(pads) if i not in (pos, pos + 1)):
-                continue
-            k = pads[pos + 1]
-            span = _seq_slice(sl, px.dim, len(sx))
-            if not (0 < k <= T) or span is None or span[0] != k or \
-                    span[1] not in (None, T + k) or isinstance(value, fx.Node):
-                yield FailedMatch(self.name, sl, "not F.pad(x, (0, k))[k:] along the sequence")
-                continue
-            yield Match(self.kind, self.name, sl, nodes={sl, pad}, bindings={"x": x},
-                        info={"shift": k, "dim": px.dim, "value": value})
-
-    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
-        if ctx.world_size == 1:
-            return
-        g = gm.graph
-        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, _shift_left, (m.bindings["x"], m.info["shift"], m.info["dim"],
-                                         m.info["value"], ctx.group_name))
-        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
-
-
 # ------------------------------------------------------------------ writes at fixed positions
 def _write_site(node: fx.Node):
     """→ (written value, index, kind) of an in-place write: ``y[idx] = v`` (setitem) or an
@@ -431,48 +403,50 @@ def _write_site(node: fx.Node):
 
 
 def _index_span(idx, dim: int, nd: int, N: int):
-    """Global ``[a, b)`` that ``idx`` takes along ``dim`` of a length-``N`` axis, when every
-    other entry keeps its dim whole and this one is a constant int or step-1 slice; the
-    position in ``idx``; whether it was an int. None otherwise."""
+    """Global ``[a, b)`` that ``idx`` takes along ``dim`` of a length-``N`` axis (``(0, N)`` when
+    it leaves that dim whole), the position of its entry in ``idx`` (None if absent), and
+    whether it was an int. None when the entry is not a constant int / step-1 slice, or the
+    index holds tensors (advanced indexing) or ``None``s."""
     idx = idx if isinstance(idx, tuple) else (idx,)
-    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if any(i is None or isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not Ellipsis)
     d = 0
-    found = None
     for k, i in enumerate(idx):
-        if i is None:
-            return None
         if i is Ellipsis:
             d += nd - n_real
             continue
         if d == dim:
             if isinstance(i, int) and not isinstance(i, bool):
                 g = i % N
-                found = (g, g + 1, k, True)
-            elif isinstance(i, slice) and i.step in (None, 1) and all(
+                return g, g + 1, k, True
+            if isinstance(i, slice) and i.step in (None, 1) and all(
                     isinstance(v, (int, type(None))) for v in (i.start, i.stop)):
                 a, b, _ = i.indices(N)
-                found = (a, max(a, b), k, False)
-            else:
-                return None
-        elif i != slice(None):
+                return a, max(a, b), k, False
             return None
         d += 1
-    return found
+    return 0, N, None, False
 
 
 def _writes_tile(idxs, p, sh) -> bool:
-    """Do two writes' indexes tile the local axis (the two steps of an unrolled loop)?"""
-    from ..graph_utils import tiles_axis
+    """Do the writes' indexes tile the local axis (the steps of an unrolled loop over the
+    tokens)? Indexes from the end (``y[:, -1]``) are no loop's."""
     if not isinstance(p, Shard) or sh is None:
         return True
     n = sh[p.dim]
     spans = []
     for idx in idxs:
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if any((isinstance(i, int) and not isinstance(i, bool) and i < 0) or (
+                isinstance(i, slice) and any(isinstance(v, int) and v < 0
+                                             for v in (i.start, i.stop))) for i in items):
+            continue
         sp = _index_span(idx, p.dim, len(sh), n)
         if sp is None:
             return True
         spans.append(sp[:2])
-    return tiles_axis(spans, n)
+    return len(spans) > 2 or _tiles_or_all_but_last(spans, n)
 
 
 class FixedPositionWrite(Pattern):
@@ -500,8 +474,7 @@ class FixedPositionWrite(Pattern):
             if site is None or node in covered:
                 continue
             y, idx, form = site
-            if len(per_base[y]) > 2 or (len(per_base[y]) == 2 and _writes_tile(
-                    per_base[y], pl.get(y), shape(y))):
+            if len(per_base[y]) > 1 and _writes_tile(per_base[y], pl.get(y), shape(y)):
                 yield FailedMatch(self.name, node, "several writes into one value along the "
                                                    "sequence (a Python loop over tokens)")
                 continue
@@ -524,7 +497,8 @@ class FixedPositionWrite(Pattern):
                 continue
             v = node.args[2] if form == "setitem" else (node.args[1] if len(node.args) > 1
                                                           else None)
-            yield Match(self.kind, self.name, node, nodes={node},
+            yield Match(self.kind, self.name, node,
+                        nodes={node} | ({node.args[0]} if form == "view" else set()),
                         info={"span": (a, b), "pos": pos, "int": is_int, "dim": py.dim,
                               "form": form, "_v": v})
 
@@ -960,11 +934,28 @@ _SHAPE_ONLY_USERS = {"zeros_like", "ones_like", "empty_like", "full_like", "new_
                      "new_ones", "new_empty", "new_full", "size", "dim", "shape"}
 
 
+def _tiles_or_all_but_last(spans, n: int) -> bool:
+    """Spans of one width that tile ``[0, n)``, or all of it but the last block (the last step
+    of an unrolled loop whose update Dynamo dropped because the final state is unused)."""
+    from ..graph_utils import tiles_axis
+    spans = sorted(set(spans))
+    if not spans:
+        return False
+    if spans == [(0, n)] or tiles_axis(spans, n):
+        return True
+    widths = {b - a for a, b in spans}
+    if len(widths) != 1:
+        return False
+    w = widths.pop()
+    return spans[0][0] == 0 and spans[-1][1] == n - w and (
+        len(spans) == 1 or tiles_axis(spans, n - w))
+
+
 def _loop_like(nodes, dim: int, nd: int, T: int) -> bool:
     """Do these indexings of one value look like Dynamo's unrolled loop over its tokens: plain
     non-negative indexes (or slices) that tile this rank's ``[0, T)``? ``h[:, 0]`` and
-    ``h[:, -1]`` (first and last token) do not; ``h[:, t]`` for every local ``t`` does."""
-    from ..graph_utils import tiles_axis
+    ``h[:, -1]`` (first and last token) do not; ``h[:, t]`` for every local ``t`` does
+    (also without its last step, dead when the final state is unused), and more than two do."""
     spans = []
     for n in nodes:
         idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
@@ -972,18 +963,18 @@ def _loop_like(nodes, dim: int, nd: int, T: int) -> bool:
                                                        for i in idx) else None
         if pos is not None:
             i = idx[pos]
-            if i < 0:
-                return False
-            spans.append((i, i + 1))
+            if i >= 0:  # (an index from the end is no unrolled loop's)
+                spans.append((i, i + 1))
             continue
+        if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in idx):
+            continue  # advanced indexing (HF masks index positions by tensors): not a loop read
         sp = _seq_slice(n, dim, nd)
         if sp is None:
             return True  # something else along the sequence: leave it to the loop checks
         a, b = sp
-        if (a is not None and a < 0) or (b is not None and b < 0):
-            return False
-        spans.append((a or 0, T if b is None else b))
-    return tiles_axis(spans, T) or spans == [(0, T)] or len(nodes) > 2
+        if not ((a is not None and a < 0) or (b is not None and b < 0)):
+            spans.append((a or 0, T if b is None else b))
+    return len(spans) > 2 or _tiles_or_all_but_last(spans, T)
 
 
 def _index_position(idx, dim: int, nd: int, slices: bool = False):
