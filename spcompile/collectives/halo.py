@@ -27,31 +27,30 @@ def _exchange(send: Tensor, recv_shape, pg, to: int, frm: int, what: str) -> Ten
     return buf
 
 
-@torch.library.custom_op("spcompile::halo_exchange", mutates_args=())
-def _halo_exchange(x: Tensor, width: int, dim: int, group: str) -> Tensor:
+def _halo_fwd(x: Tensor, width: int, dim: int, group: str, from_next: bool) -> Tensor:
+    """The ``width`` positions along ``dim`` a neighbour sends: rank r-1's last ones
+    (``from_next=False``) or rank r+1's first ones; zeros at the end of the chain."""
+    what = "halo_from_next" if from_next else "halo_exchange"
     pg = rt.resolve_group(group)
     L = x.shape[dim]
     shape = list(x.shape)
     shape[dim] = width
     if pg is None or pg.size() == 1:
         return x.new_zeros(shape)
-    rt.check_uniform(pg, "halo_exchange", {
+    rt.check_uniform(pg, what, {
         "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
         "dtype": rt.dtype_code(x.dtype), "width": width},
         hint=" (shard the sequence evenly and use one halo width)", like=x)
     r = pg.rank()
-    return _exchange(x.narrow(dim, L - width, width), shape, pg, r + 1, r - 1, "halo_exchange")
+    if from_next:
+        return _exchange(x.narrow(dim, 0, width), shape, pg, r - 1, r + 1, what)
+    return _exchange(x.narrow(dim, L - width, width), shape, pg, r + 1, r - 1, what)
 
 
-@_halo_exchange.register_fake
-def _(x, width, dim, group):
-    shape = list(x.shape)
-    shape[dim] = width
-    return x.new_empty(shape)
-
-
-@torch.library.custom_op("spcompile::halo_exchange_bwd", mutates_args=())
-def _halo_exchange_bwd(grad: Tensor, length: int, dim: int, group: str) -> Tensor:
+def _halo_bwd(grad: Tensor, length: int, dim: int, group: str, from_next: bool) -> Tensor:
+    """The mirror: the halo's gradient goes back to the rank it came from, which adds it to the
+    positions it sent (the last ``width``, or the first for ``from_next``)."""
+    what = ("halo_from_next" if from_next else "halo_exchange") + " backward"
     pg = rt.resolve_group(group)
     width = grad.shape[dim]
     shape = list(grad.shape)
@@ -60,13 +59,19 @@ def _halo_exchange_bwd(grad: Tensor, length: int, dim: int, group: str) -> Tenso
     if pg is None or pg.size() == 1:
         return dx
     r = pg.rank()
-    tail = _exchange(grad, grad.shape, pg, r - 1, r + 1, "halo_exchange backward")
-    dx.narrow(dim, length - width, width).copy_(tail)
+    to, frm = (r + 1, r - 1) if from_next else (r - 1, r + 1)
+    got = _exchange(grad, grad.shape, pg, to, frm, what)
+    dx.narrow(dim, 0 if from_next else length - width, width).copy_(got)
     return dx
 
 
-@_halo_exchange_bwd.register_fake
-def _(grad, length, dim, group):
+def _halo_fake(x, width, dim, group):
+    shape = list(x.shape)
+    shape[dim] = width
+    return x.new_empty(shape)
+
+
+def _halo_bwd_fake(grad, length, dim, group):
     shape = list(grad.shape)
     shape[dim] = length
     return grad.new_empty(shape)
@@ -75,12 +80,27 @@ def _(grad, length, dim, group):
 def _setup(ctx, inputs, output):
     x, width, dim, group = inputs
     ctx.length, ctx.dim, ctx.group = x.shape[dim], dim, group
+    ctx.float = x.dtype.is_floating_point or x.dtype.is_complex
+
+
+@torch.library.custom_op("spcompile::halo_exchange", mutates_args=())
+def _halo_exchange(x: Tensor, width: int, dim: int, group: str) -> Tensor:
+    return _halo_fwd(x, width, dim, group, from_next=False)
+
+
+@torch.library.custom_op("spcompile::halo_exchange_bwd", mutates_args=())
+def _halo_exchange_bwd(grad: Tensor, length: int, dim: int, group: str) -> Tensor:
+    return _halo_bwd(grad, length, dim, group, from_next=False)
 
 
 def _backward(ctx, grad):
+    if not ctx.float:
+        return None, None, None, None
     return _halo_exchange_bwd(grad.contiguous(), ctx.length, ctx.dim, ctx.group), None, None, None
 
 
+_halo_exchange.register_fake(_halo_fake)
+_halo_exchange_bwd.register_fake(_halo_bwd_fake)
 _halo_exchange.register_autograd(_backward, setup_context=_setup)
 
 
@@ -115,46 +135,12 @@ def halo_exchange(x: Tensor, width: int, *, dim: int = 1, group: rt.GroupLike = 
 # ------------------------------------------------------------------ the other direction
 @torch.library.custom_op("spcompile::halo_from_next", mutates_args=())
 def _halo_from_next(x: Tensor, width: int, dim: int, group: str) -> Tensor:
-    pg = rt.resolve_group(group)
-    shape = list(x.shape)
-    shape[dim] = width
-    if pg is None or pg.size() == 1:
-        return x.new_zeros(shape)
-    rt.check_uniform(pg, "halo_from_next", {
-        "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
-        "dtype": rt.dtype_code(x.dtype), "width": width},
-        hint=" (shard the sequence evenly and use one halo width)", like=x)
-    r = pg.rank()
-    return _exchange(x.narrow(dim, 0, width), shape, pg, r - 1, r + 1, "halo_from_next")
-
-
-@_halo_from_next.register_fake
-def _(x, width, dim, group):
-    shape = list(x.shape)
-    shape[dim] = width
-    return x.new_empty(shape)
+    return _halo_fwd(x, width, dim, group, from_next=True)
 
 
 @torch.library.custom_op("spcompile::halo_from_next_bwd", mutates_args=())
 def _halo_from_next_bwd(grad: Tensor, length: int, dim: int, group: str) -> Tensor:
-    pg = rt.resolve_group(group)
-    width = grad.shape[dim]
-    shape = list(grad.shape)
-    shape[dim] = length
-    dx = grad.new_zeros(shape)
-    if pg is None or pg.size() == 1:
-        return dx
-    r = pg.rank()
-    head = _exchange(grad, grad.shape, pg, r + 1, r - 1, "halo_from_next backward")
-    dx.narrow(dim, 0, width).copy_(head)
-    return dx
-
-
-@_halo_from_next_bwd.register_fake
-def _(grad, length, dim, group):
-    shape = list(grad.shape)
-    shape[dim] = length
-    return grad.new_empty(shape)
+    return _halo_bwd(grad, length, dim, group, from_next=True)
 
 
 def _backward_next(ctx, grad):
@@ -164,13 +150,9 @@ def _backward_next(ctx, grad):
         None
 
 
-def _setup_next(ctx, inputs, output):
-    x, width, dim, group = inputs
-    ctx.length, ctx.dim, ctx.group = x.shape[dim], dim, group
-    ctx.float = x.dtype.is_floating_point or x.dtype.is_complex
-
-
-_halo_from_next.register_autograd(_backward_next, setup_context=_setup_next)
+_halo_from_next.register_fake(_halo_fake)
+_halo_from_next_bwd.register_fake(_halo_bwd_fake)
+_halo_from_next.register_autograd(_backward_next, setup_context=_setup)
 
 
 def halo_from_next(x: Tensor, width: int, *, dim: int = 1, group: rt.GroupLike = None) -> Tensor:

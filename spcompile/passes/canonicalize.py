@@ -319,32 +319,18 @@ def _positional_kwargs(gm: fx.GraphModule) -> None:
             node.args, node.kwargs = tuple(args), kwargs
 
 
-def _lower_addmm(gm: fx.GraphModule, node: fx.Node) -> None:
-    """``addmm(bias, x, w, beta=β, alpha=α)`` → ``β·bias + α·(x @ w)`` (GPT-2's ``Conv1D``
-    projection on ``x.view(-1, D)``): a token-local product the sequence analysis knows."""
-    inp, a, b = node.args[:3]
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node) or \
-            set(node.kwargs) - {"beta", "alpha"}:
-        return
-    out = _new(gm, node, torch.matmul, (a, b))
-    if alpha != 1:
-        out = _new(gm, node, operator.mul, (out, alpha))
-    if beta != 0:
-        scaled = inp if beta == 1 else _new(gm, node, operator.mul, (inp, beta))
-        out = _new(gm, node, operator.add, (scaled, out))
-    _replace(gm, node, out)
-
-
-def _lower_baddbmm(gm: fx.GraphModule, node: fx.Node) -> None:
-    """``baddbmm(inp, a, b, beta=β, alpha=α)`` → ``β·inp + α·(a @ b)`` (Megatron's core attention
-    scores: ``baddbmm(empty, q, kᵀ, beta=0, alpha=1/√d)``). With β = 0 ``inp`` is ignored, as
-    torch ignores it (its NaNs do not propagate)."""
+def _lower_add_matmul(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``addmm(bias, x, w)`` / ``baddbmm(inp, a, b)`` with ``beta=β, alpha=α`` (positional or
+    keyword) → ``β·inp + α·(a @ b)``: GPT-2's ``Conv1D`` on ``x.view(-1, D)``, Megatron's core
+    attention scores ``baddbmm(empty, q, kᵀ, beta=0, alpha=1/√d)``, Bloom's ALiBi
+    ``alibi.baddbmm(batch1=q, batch2=k)``. With β = 0 ``inp`` is ignored, as torch ignores it
+    (its NaNs do not propagate); symbolic coefficients leave the op as it is (opaque)."""
     inp, a, b = node.args[:3]
     beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
     alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
-    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
-        return  # symbolic coefficients: left alone (treated as an opaque op)
+    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node) or \
+            set(node.kwargs) - {"beta", "alpha"}:
+        return
     out = _new(gm, node, torch.matmul, (a, b))
     if alpha != 1:
         out = _new(gm, node, operator.mul, (out, alpha))
@@ -487,10 +473,8 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         name = canonical_name(node)
         if name == "einsum":
             _lower_einsum(gm, node)
-        elif name == "baddbmm" and len(node.args) >= 3:
-            _lower_baddbmm(gm, node)
-        elif name == "addmm" and node.op == "call_function" and len(node.args) == 3:
-            _lower_addmm(gm, node)
+        elif name in ("baddbmm", "addmm") and len(node.args) >= 3:
+            _lower_add_matmul(gm, node)
         elif name == "multi_head_attention_forward":
             _lower_mha(gm, node)
         elif name == "matmul" and not (node.op == "call_function" and
