@@ -58,6 +58,8 @@ def check_spellings(rank, P, rec):
           kinds={"linear_scan"}, T=8 * P, **EAGER)
     exact(rank, P, rec, "torch.func.vmap over the batch", Z.VmapPerToken)
     exact(rank, P, rec, "h[:, :1] and h[:, -1:]", Z.FirstLastSlices, kinds={"reduction"})
+    exact(rank, P, rec, "Hedgehog: rows normalised before the value product", Z.HedgehogAttention,
+          kinds={"linear_scan"})
 
 
 def _tokens(B, T, V=11):

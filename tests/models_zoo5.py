@@ -514,3 +514,26 @@ class ChunkViewLoop(nn.Module):
             rec.append(state)
             state = state * 0.9 + kv[:, i]
         return (q @ torch.stack(rec, 1)).reshape(B, T, D)
+
+
+class HedgehogAttention(nn.Module):
+    """Hedgehog / lolcats ``quadratic_attention``: softmax feature maps, causal scores
+    ``masked_fill(triu(ones, 1), 0)``, rows normalised BEFORE the value product
+    ``a / (a.sum(-1, keepdim=True) + eps) @ v``."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.h, hd = heads, d // heads
+        self.qkv, self.fq, self.fk = nn.Linear(d, 3 * d), nn.Linear(hd, hd), nn.Linear(hd, hd)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+
+        def fm(f, t):
+            return torch.cat([torch.softmax(f(t), -1), torch.softmax(-f(t), -1)], -1)
+        a = torch.einsum("bhmd,bhnd->bhmn", fm(self.fq, q), fm(self.fk, k))
+        m, n = a.shape[-2:]
+        a = a.masked_fill(torch.ones((m, n), dtype=torch.bool).triu(n - m + 1), 0)
+        a = a / (a.sum(dim=-1, keepdim=True) + 1e-12)
+        return torch.einsum("bhmn,bhnd->bhmd", a, v).transpose(1, 2).reshape(B, T, D)

@@ -459,6 +459,33 @@ def _hoist_parameter_values(gm: fx.GraphModule) -> None:
             static.pop(n, None)
 
 
+def _row_scale_after_product(gm: fx.GraphModule) -> None:
+    """``(A / d) @ V`` with ``d`` one number per row (``[..., T, 1]``: Hedgehog/lolcats'
+    ``a / (a.sum(-1, keepdim=True) + eps)`` before the value product) → ``(A @ V) / d``: the
+    same numbers, and the normalised causal linear attention the family knows."""
+    for node in list(gm.graph.nodes):
+        if canonical_name(node) != "matmul" or node.op != "call_function" or len(node.args) != 2:
+            continue
+        a = node.args[0]
+        if not (isinstance(a, fx.Node) and canonical_name(a) == "div" and len(a.users) == 1 and
+                len(a.args) == 2 and isinstance(a.args[1], fx.Node)):
+            continue
+        A, d = a.args
+        sa, sd, so = shape(A), shape(d), shape(node)
+        if sa is None or sd is None or so is None or len(sd) < 2 or sd[-1] != 1 or \
+                len(sa) < 2 or sd[-2] != sa[-2] or len(sd) > len(so):
+            continue
+        prod = _new(gm, node, torch.matmul, (A, node.args[1]))
+        out = _new(gm, node, operator.truediv, (prod, d))
+        if shape(out) != so:
+            _replace(gm, out, prod)  # broadcasting changed the shape: undo
+            gm.graph.erase_node(prod) if not prod.users else None
+            continue
+        _replace(gm, node, out)
+        if not a.users:
+            gm.graph.erase_node(a)
+
+
 @register_pass("canonicalize")
 def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Spellings → one vocabulary (matmul, permute, torch functions)."""
@@ -490,6 +517,7 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             new = _new(gm, node, getattr(torch, name), tuple(node.args), dict(node.kwargs))
             _replace(gm, node, new)
     _positional_kwargs(gm)  # the methods turned into functions above
+    _row_scale_after_product(gm)
     _hoist_parameter_values(gm)
     eliminate_dead_code(gm)
     gm.recompile()
