@@ -60,6 +60,8 @@ def check_spellings(rank, P, rec):
     exact(rank, P, rec, "h[:, :1] and h[:, -1:]", Z.FirstLastSlices, kinds={"reduction"})
     exact(rank, P, rec, "Hedgehog: rows normalised before the value product", Z.HedgehogAttention,
           kinds={"linear_scan"})
+    exact(rank, P, rec, "Hedgehog: row sum clamped from below", lambda: Z.HedgehogAttention(
+          clamp=True), kinds={"linear_scan"})
 
 
 def _tokens(B, T, V=11):

@@ -521,9 +521,9 @@ class HedgehogAttention(nn.Module):
     ``masked_fill(triu(ones, 1), 0)``, rows normalised BEFORE the value product
     ``a / (a.sum(-1, keepdim=True) + eps) @ v``."""
 
-    def __init__(self, d: int = 16, heads: int = 2):
+    def __init__(self, d: int = 16, heads: int = 2, clamp: bool = False):
         super().__init__()
-        self.h, hd = heads, d // heads
+        self.h, hd, self.clamp = heads, d // heads, clamp
         self.qkv, self.fq, self.fk = nn.Linear(d, 3 * d), nn.Linear(hd, hd), nn.Linear(hd, hd)
 
     def forward(self, x):
@@ -535,5 +535,8 @@ class HedgehogAttention(nn.Module):
         a = torch.einsum("bhmd,bhnd->bhmn", fm(self.fq, q), fm(self.fk, k))
         m, n = a.shape[-2:]
         a = a.masked_fill(torch.ones((m, n), dtype=torch.bool).triu(n - m + 1), 0)
-        a = a / (a.sum(dim=-1, keepdim=True) + 1e-12)
+        if self.clamp:
+            a = a / a.sum(-1, keepdim=True).clamp(min=1e-6)
+        else:
+            a = a / (a.sum(dim=-1, keepdim=True) + 1e-12)
         return torch.einsum("bhmn,bhnd->bhmd", a, v).transpose(1, 2).reshape(B, T, D)

@@ -459,10 +459,34 @@ def _hoist_parameter_values(gm: fx.GraphModule) -> None:
             static.pop(n, None)
 
 
+_EPS_WRAPPERS = {"add", "sub", "clamp", "clamp_min", "clip"}
+
+
+def _is_own_row_sum(d: Any, A: fx.Node) -> bool:
+    """``d`` is ``A.sum(-1, keepdim=True)``, perhaps plus a constant or clamped from below
+    (``+ eps``, ``.clamp(min=eps)``): the normaliser of normalised linear attention."""
+    while isinstance(d, fx.Node) and canonical_name(d) in _EPS_WRAPPERS:
+        tensors = [a for a in list(d.args) + list(d.kwargs.values()) if isinstance(a, fx.Node)]
+        if len(tensors) != 1 or d.args[0] is not tensors[0]:
+            return False
+        d = tensors[0]
+    if not (isinstance(d, fx.Node) and canonical_name(d) == "sum" and d.args and
+            d.args[0] is A):
+        return False
+    dims = d.args[1] if len(d.args) > 1 else d.kwargs.get("dim")
+    keep = d.args[2] if len(d.args) > 2 else d.kwargs.get("keepdim", False)
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    nd = len(shape(A) or ())
+    return bool(keep) and len(dims) == 1 and isinstance(dims[0], int) and \
+        dims[0] % max(nd, 1) == nd - 1
+
+
 def _row_scale_after_product(gm: fx.GraphModule) -> None:
-    """``(A / d) @ V`` with ``d`` one number per row (``[..., T, 1]``: Hedgehog/lolcats'
+    """``(A / d) @ V`` with ``d`` A's own row sum (Hedgehog/lolcats'
     ``a / (a.sum(-1, keepdim=True) + eps)`` before the value product) → ``(A @ V) / d``: the
-    same numbers, and the normalised causal linear attention the family knows."""
+    same numbers up to rounding, and the normalised causal linear attention the family knows.
+    Other row scales (xLSTM's ``max(|C.sum|, exp(-m))``) keep the user's order: no pattern
+    takes them, and a fallback should compute what the user wrote."""
     for node in list(gm.graph.nodes):
         if canonical_name(node) != "matmul" or node.op != "call_function" or len(node.args) != 2:
             continue
@@ -471,6 +495,8 @@ def _row_scale_after_product(gm: fx.GraphModule) -> None:
                 len(a.args) == 2 and isinstance(a.args[1], fx.Node)):
             continue
         A, d = a.args
+        if not _is_own_row_sum(d, A):
+            continue
         sa, sd, so = shape(A), shape(d), shape(node)
         if sa is None or sd is None or so is None or len(sd) < 2 or sd[-1] != 1 or \
                 len(sa) < 2 or sd[-2] != sa[-2] or len(sd) > len(so):
