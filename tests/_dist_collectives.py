@@ -254,6 +254,16 @@ def check_halo(rec: Recorder, r: int, P: int) -> None:
     got = C.halo_from_next(shard(lab, 1, r, P), 1, group=dist.group.WORLD)
     rec.true("halo/from_next/int", got.dtype == lab.dtype and int(got.sum()) ==
              (0 if r == P - 1 else (r + 1) * Tl), str(got))
+    for shift in (2, -3):  # halo_roll: torch.roll of the global sequence, both directions
+        y = torch.roll(xr, shift, 1)
+        (gx_ref,) = grads((y * W).sum(), [xr])
+        xs = leaf(shard(x, 1, r, P))
+        s = abs(shift)
+        halo = C.halo_roll(xs, s, from_next=shift < 0, group=dist.group.WORLD)
+        ys = torch.cat([halo, xs[:, :Tl - s]] if shift > 0 else [xs[:, s:], halo], dim=1)
+        (gx,) = grads((ys * shard(W, 1, r, P)).sum(), [xs])
+        rec.close(f"halo/roll{shift}/fwd", ys, shard(y, 1, r, P))
+        rec.close(f"halo/roll{shift}/dx", gx, shard(gx_ref, 1, r, P))
     try:
         C.halo_exchange(xs, Tl + 1, group=dist.group.WORLD)
         rec.true("halo/too_wide_error", False, "no error")
@@ -477,6 +487,7 @@ def check_opcheck(rec: Recorder, r: int, P: int) -> None:
                              0.5, 4, name, "allgather", 1)),
         "halo_exchange": (halo._halo_exchange, (rn(2, 5, 3), 2, 1, name)),
         "halo_from_next": (halo._halo_from_next, (rn(2, 5, 3), 2, 1, name)),
+        "halo_roll": (halo._halo_roll, (rn(2, 5, 3), 2, 1, True, name)),
         "all_reduce": (reduce._all_reduce, (rn(3, 4), name, "max")),
         "gather_sequence_rs": (reduce._gather_sequence_rs, (rn(2, 5, 3), 1, name, "g")),
         "seq_to_heads": (attention._seq_to_heads, (rn(1, 4, 3, 5), name)),

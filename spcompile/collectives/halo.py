@@ -6,6 +6,9 @@ of rank r+1.
 Forward: one send to r+1 and one receive from r-1 (rank 0 gets zeros, the last rank sends
 nothing). Backward: the mirror: the halo's gradient goes back to r-1, which adds it to the
 gradient of its tail. Both directions are point-to-point inside custom ops.
+
+``halo_roll`` is the circular version (``torch.roll`` along the sequence): the ends of the chain
+are joined, so rank 0 gets the last rank's tail (or the last rank gets rank 0's head).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from torch import Tensor
 
 from . import runtime as rt
 
-__all__ = ["halo_exchange", "halo_from_next"]
+__all__ = ["halo_exchange", "halo_from_next", "halo_roll"]
 
 
 def _exchange(send: Tensor, recv_shape, pg, to: int, frm: int, what: str) -> Tensor:
@@ -27,10 +30,22 @@ def _exchange(send: Tensor, recv_shape, pg, to: int, frm: int, what: str) -> Ten
     return buf
 
 
-def _halo_fwd(x: Tensor, width: int, dim: int, group: str, from_next: bool) -> Tensor:
+def _what(from_next: bool, wrap: bool) -> str:
+    return "halo_roll" if wrap else "halo_from_next" if from_next else "halo_exchange"
+
+
+def _peers(r: int, P: int, from_next: bool, wrap: bool):
+    """(to, from) of a rank's send and receive; out of range at the ends unless ``wrap``."""
+    to, frm = (r - 1, r + 1) if from_next else (r + 1, r - 1)
+    return (to % P, frm % P) if wrap else (to, frm)
+
+
+def _halo_fwd(x: Tensor, width: int, dim: int, group: str, from_next: bool,
+              wrap: bool = False) -> Tensor:
     """The ``width`` positions along ``dim`` a neighbour sends: rank r-1's last ones
-    (``from_next=False``) or rank r+1's first ones; zeros at the end of the chain."""
-    what = "halo_from_next" if from_next else "halo_exchange"
+    (``from_next=False``) or rank r+1's first ones; zeros at the end of the chain, or the other
+    end's when ``wrap`` (a ring)."""
+    what = _what(from_next, wrap)
     pg = rt.resolve_group(group)
     L = x.shape[dim]
     shape = list(x.shape)
@@ -41,16 +56,16 @@ def _halo_fwd(x: Tensor, width: int, dim: int, group: str, from_next: bool) -> T
         "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
         "dtype": rt.dtype_code(x.dtype), "width": width},
         hint=" (shard the sequence evenly and use one halo width)", like=x)
-    r = pg.rank()
-    if from_next:
-        return _exchange(x.narrow(dim, 0, width), shape, pg, r - 1, r + 1, what)
-    return _exchange(x.narrow(dim, L - width, width), shape, pg, r + 1, r - 1, what)
+    to, frm = _peers(pg.rank(), pg.size(), from_next, wrap)
+    return _exchange(x.narrow(dim, 0 if from_next else L - width, width), shape, pg, to, frm,
+                     what)
 
 
-def _halo_bwd(grad: Tensor, length: int, dim: int, group: str, from_next: bool) -> Tensor:
+def _halo_bwd(grad: Tensor, length: int, dim: int, group: str, from_next: bool,
+              wrap: bool = False) -> Tensor:
     """The mirror: the halo's gradient goes back to the rank it came from, which adds it to the
     positions it sent (the last ``width``, or the first for ``from_next``)."""
-    what = ("halo_from_next" if from_next else "halo_exchange") + " backward"
+    what = _what(from_next, wrap) + " backward"
     pg = rt.resolve_group(group)
     width = grad.shape[dim]
     shape = list(grad.shape)
@@ -58,8 +73,7 @@ def _halo_bwd(grad: Tensor, length: int, dim: int, group: str, from_next: bool) 
     dx = grad.new_zeros(shape)
     if pg is None or pg.size() == 1:
         return dx
-    r = pg.rank()
-    to, frm = (r + 1, r - 1) if from_next else (r - 1, r + 1)
+    frm, to = _peers(pg.rank(), pg.size(), from_next, wrap)  # the forward's, reversed
     got = _exchange(grad, grad.shape, pg, to, frm, what)
     dx.narrow(dim, 0 if from_next else length - width, width).copy_(got)
     return dx
@@ -170,3 +184,58 @@ def halo_from_next(x: Tensor, width: int, *, dim: int = 1, group: rt.GroupLike =
         shape[dim] = width
         return x.new_zeros(shape)
     return _halo_from_next(x, width, dim, name)
+
+
+# ------------------------------------------------------------------ a ring (torch.roll)
+@torch.library.custom_op("spcompile::halo_roll", mutates_args=())
+def _halo_roll(x: Tensor, width: int, dim: int, from_next: bool, group: str) -> Tensor:
+    return _halo_fwd(x, width, dim, group, from_next, wrap=True)
+
+
+@torch.library.custom_op("spcompile::halo_roll_bwd", mutates_args=())
+def _halo_roll_bwd(grad: Tensor, length: int, dim: int, from_next: bool, group: str) -> Tensor:
+    return _halo_bwd(grad, length, dim, group, from_next, wrap=True)
+
+
+def _roll_fake(x, width, dim, from_next, group):
+    return _halo_fake(x, width, dim, group)
+
+
+def _roll_bwd_fake(grad, length, dim, from_next, group):
+    return _halo_bwd_fake(grad, length, dim, group)
+
+
+def _roll_setup(ctx, inputs, output):
+    x, width, dim, from_next, group = inputs
+    ctx.length, ctx.dim, ctx.from_next, ctx.group = x.shape[dim], dim, from_next, group
+    ctx.float = x.dtype.is_floating_point or x.dtype.is_complex
+
+
+def _roll_backward(ctx, grad):
+    if not ctx.float:
+        return None, None, None, None, None
+    return _halo_roll_bwd(grad.contiguous(), ctx.length, ctx.dim, ctx.from_next, ctx.group), \
+        None, None, None, None
+
+
+_halo_roll.register_fake(_roll_fake)
+_halo_roll_bwd.register_fake(_roll_bwd_fake)
+_halo_roll.register_autograd(_roll_backward, setup_context=_roll_setup)
+
+
+def halo_roll(x: Tensor, width: int, *, dim: int = 1, from_next: bool = False,
+              group: rt.GroupLike = None) -> Tensor:
+    """Like :func:`halo_exchange` (or :func:`halo_from_next` with ``from_next=True``) on a
+    ring: rank 0's halo is the last rank's last ``width`` positions (the last rank's, with
+    ``from_next``, rank 0's first ones) — what ``torch.roll`` along a sharded sequence needs.
+    With one rank the halo is ``x``'s own other end. Differentiable."""
+    dim = dim % x.dim()
+    width = int(width)
+    L = x.shape[dim]
+    if width < 0 or width > L:
+        raise ValueError(f"halo_roll: width {width} must be in [0, {L}] (the local length on "
+                         f"dim {dim}): a halo may only reach into the neighbouring rank")
+    name = rt.group_name(group)
+    if rt.group_size(name) == 1 or width == 0:
+        return x.narrow(dim, 0 if from_next else L - width, width).clone()
+    return _halo_roll(x, width, dim, from_next, name)

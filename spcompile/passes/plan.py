@@ -15,7 +15,7 @@ from .pipeline import Ctx, register_pass
 
 DEFAULTS = {"linear_scan": "allgather", "attention": "kv_allgather", "halo": "halo",
             "reduction": "allreduce", "positions": "offset", "cumsum": "prefix",
-            "dispatch": "local"}
+            "dispatch": "local", "shape": "local"}
 
 
 def _problem(match, ctx: Ctx) -> Optional[Dict[str, Any]]:

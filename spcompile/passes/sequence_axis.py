@@ -1068,6 +1068,20 @@ class Analyzer:
                 return p
         return Mixing("padding along the sequence axis", getattr(p, "dim", None))
 
+    def roll(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        dims = arg(node, 2, "dims", None)
+        if not isinstance(p, Shard):
+            return p if isinstance(p, Replicate) else Mixing(f"roll of a {p} value")
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            return Mixing("roll of the flattened value (no dims)")
+        nd = _nd(x)
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if p.dim not in {_norm(d, nd) for d in dims if isinstance(d, int)}:
+            return p
+        return Mixing("roll along the sequence axis", p.dim)
+
     def cross_entropy(self, node: fx.Node) -> Placement:
         red = node.kwargs.get("reduction", "mean")
         if red == "none":
@@ -1281,6 +1295,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "_add_batch_dim": Analyzer.add_batch_dim, "_remove_batch_dim": Analyzer.remove_batch_dim,
     "view_as_complex": Analyzer.view_as_complex, "view_as_real": Analyzer.view_as_real,
     "matmul": Analyzer.matmul, "linear": Analyzer.linear,
+    "roll": Analyzer.roll,
     "softmax": Analyzer.softmax_like, "log_softmax": Analyzer.softmax_like,
     "cumsum": Analyzer.cum, "cumprod": Analyzer.cum, "cummax": Analyzer.cum,
     "cummin": Analyzer.cum, "logcumsumexp": Analyzer.cum,

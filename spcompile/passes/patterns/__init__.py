@@ -5,7 +5,8 @@ from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, FixedPositionWrite, LeadingRowScan,
                            Positions, SDPAttention, SequenceDiff, SequenceIndex, SequenceReduction,
-                           SequenceScan, ShiftedLoss, TokenShift)
+                           SequenceRoll, SequenceScan, ShapeOnlySlice, ShiftedLoss,
+                           TokenShift)
 
 
 def all_patterns():
@@ -14,7 +15,7 @@ def all_patterns():
 
 
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
-            SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
+            SequenceRoll, ShapeOnlySlice, SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
             SequenceIndex, CumsumLinearAttention, LeadingRowScan, SequenceScan,
             FixedPositionWrite]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)

@@ -4,7 +4,8 @@
 |---------------|----------------------------------------------------------|-------------------------|
 | attention     | ``F.scaled_dot_product_attention`` (causal or not, GQA)  | ``sp_attention``        |
 | causal_conv   | ``conv1d(x, w, padding=k-1)[..., :T]``, ``conv1d(pad(x, (k-1, 0)), w)`` | halo of k-1 tokens |
-| token_shift   | ``F.pad(x, (0, 0, s, -s))`` (RWKV-style shift)           | halo of s tokens        |
+| token_shift   | ``F.pad(x, (0, 0, s, -s))``, ``cat([zeros, x[:, :-s]], 1)``, left shifts | halo of s tokens |
+| roll          | ``torch.roll(x, s, dims=1)``                             | halo on a ring          |
 | positions     | ``torch.arange(T)``, ``table[:T]`` (RoPE caches, pe)     | offset by rank·T_local  |
 | reduction     | ``sum``/``mean``/``amax``/``amin`` over the sequence     | local + all-reduce      |
 | cross_entropy | ``F.cross_entropy(logits, target)`` (mean)               | sums + all-reduce       |
@@ -268,20 +269,89 @@ def _shift_next(x, s: int, dim: int, fill, group_name: str):
     # a where, not a branch: the halo is used on every rank, so its backward (a neighbour
     # exchange) runs on every rank too
     last = not group_name or group_rank(group_name) == group_size(group_name) - 1
-    halo = torch.where(torch.tensor(last, device=x.device), torch.full_like(halo, fill), halo)
+    fill = fill if isinstance(fill, torch.Tensor) else torch.full_like(halo, fill)
+    halo = torch.where(torch.tensor(last, device=x.device), fill, halo)
     return torch.ops.spcompile.layout_barrier(
         torch.cat([x.narrow(dim, s, x.shape[dim] - s), halo], dim=dim))
 
 
+def _shift_prev(x, s: int, dim: int, fill, group_name: str):
+    """x shifted right by ``s`` along ``dim``: the previous rank's last ``s`` tokens, then its
+    own but the last ``s``; on rank 0 ``fill`` in front (a number, or the block the user
+    concatenated: ``cat([bos, x[:, :-1]])``)."""
+    from ...collectives import group_rank
+    halo = _halo(x, s, dim, group_name) if group_name else x.new_zeros(
+        *x.shape[:dim], s, *x.shape[dim + 1:])
+    if isinstance(fill, torch.Tensor) or fill not in (None, 0, 0.0, False):
+        first = not group_name or group_rank(group_name) == 0
+        fill = fill if isinstance(fill, torch.Tensor) else torch.full_like(halo, fill)
+        halo = torch.where(torch.tensor(first, device=x.device), fill, halo)
+    return torch.ops.spcompile.layout_barrier(
+        torch.cat([halo, x.narrow(dim, 0, x.shape[dim] - s)], dim=dim))
+
+
+def _roll(x, s: int, dim: int, group_name: str):
+    """``torch.roll(x, s, dim)`` of the global sequence (``s`` in (-T_local, T_local)): a
+    shift whose halo comes round a ring (rank 0 gets the last rank's tail)."""
+    from ...collectives import halo_roll
+    n = x.shape[dim]
+    if s > 0:
+        halo = halo_roll(x, s, dim=dim, group=group_name or None)
+        out = torch.cat([halo, x.narrow(dim, 0, n - s)], dim=dim)
+    else:
+        halo = halo_roll(x, -s, dim=dim, from_next=True, group=group_name or None)
+        out = torch.cat([x.narrow(dim, -s, n + s), halo], dim=dim)
+    return torch.ops.spcompile.layout_barrier(out)
+
+
+def _sliced_end(node, pl):
+    """``x[..., :n - s, ...]`` (the head of a shard, all but its last ``s`` tokens) → ``(x, dim,
+    s)``; ``x[..., s:, ...]`` (all but the first ``s``) → ``(x, dim, -s)``; else None. Only small
+    shifts (``2 s <= n``): a cut near the other end reads as a constant, not a shift."""
+    if not isinstance(node, fx.Node) or canonical_name(node) != "getitem" or \
+            not isinstance(node.args[0], fx.Node):
+        return None
+    x = node.args[0]
+    px, sx = pl.get(x), shape(x)
+    if not isinstance(px, Shard) or px.merged or px.order or sx is None:
+        return None
+    sl = _seq_slice(node, px.dim, len(sx))
+    if sl is None or not all(v is None or isinstance(v, int) for v in sl):
+        return None
+    n = sx[px.dim]
+    a, b, _ = slice(*sl).indices(n)
+    if a == 0 and 0 < n - b and 2 * (n - b) <= n:
+        return x, px.dim, n - b
+    if b == n and 0 < a and 2 * a <= n:
+        return x, px.dim, -a
+    return None
+
+
+def _fill_block(node, ctx: Ctx, dim: int, s: int) -> bool:
+    """A block concatenated in front of (or after) a shift: the same on every rank
+    (replicated: zeros, a learned start token) and ``s`` long on ``dim``."""
+    sh = shape(node)
+    return isinstance(node, fx.Node) and isinstance(ctx.placements.get(node), Replicate) and \
+        sh is not None and len(sh) > dim and sh[dim] == s
+
+
 class TokenShift(Pattern):
-    """``F.pad(x, (0, 0, s, -s))`` (RWKV's shift: the previous rank's last ``s`` tokens in
-    front) and ``F.pad(x, (0, s), value=v)[..., s:]`` (a left shift: HF 5's next-token labels
-    ``pad(labels, (0, 1), value=-100)[..., 1:]``; the next rank's first ``s`` tokens at the
-    end, ``v`` on the last rank)."""
+    """Shifts of the sequence by ``s`` tokens, in their spellings:
+
+    * right (the previous rank's last ``s`` tokens in front, the fill on rank 0):
+      ``F.pad(x, (0, 0, s, -s))`` (RWKV's ``ZeroPad2d``), ``F.pad(x[:, :-s], (0, 0, s, 0))``,
+      ``F.pad(x, (0, 0, s, 0))[:, :-s]``, ``torch.cat([zeros / bos, x[:, :-s]], 1)``;
+    * left (the next rank's first ``s`` tokens at the end, the fill on the last rank):
+      ``F.pad(x, (0, s), value=v)[..., s:]`` (HF 5's next-token labels),
+      ``F.pad(x[:, s:], (0, 0, 0, s))``, ``torch.cat([x[:, s:], zeros], 1)``.
+
+    The fill is the pad value or the concatenated block, which must be replicated (the same
+    on every rank: zeros, a learned start token) and ``s`` long."""
     name = "token_shift"
     kind = "halo"
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        yield from self._find_cat(ctx)
         pl = ctx.placements
         for node, _ in _mixing(ctx, "pad"):
             x = node.args[0]
@@ -289,6 +359,12 @@ class TokenShift(Pattern):
             pads = list(arg(node, 1, "pad"))
             mode = arg(node, 2, "mode", "constant")
             value = arg(node, 3, "value", None)
+            cut = _sliced_end(x, pl)
+            if cut is not None and mode == "constant":  # pad(x[:, :-s], (s, 0)): cut, then pad
+                found = self._pad_of_cut(node, x, cut, pads, value)
+                if found is not None:
+                    yield found
+                    continue
             if not isinstance(px, Shard) or px.merged or mode != "constant":
                 yield FailedMatch(self.name, node, "pad of a non-sharded value or not constant")
                 continue
@@ -308,6 +384,15 @@ class TokenShift(Pattern):
                                 nodes={node, u}, info={"shift": -right, "dim": px.dim,
                                                        "fill": 0 if value is None else value})
                 continue
+            if right == 0 and left > 0 and all(p == 0 for p in others) and cuts and all(
+                    c is not None and c[0] in (None, 0) and c[1] is not None and
+                    slice(*c).indices(shape(node)[px.dim])[1] == shape(x)[px.dim]
+                    for c in cuts) and 2 * left <= shape(x)[px.dim]:
+                for u in node.users:  # pad(x, (s, 0))[:, :-s]: pad, then cut
+                    yield Match(self.kind, self.name, u, bindings={"x": x}, nodes={node, u},
+                                info={"shift": left, "dim": px.dim,
+                                      "fill": 0 if value is None else value})
+                continue
             if value not in (None, 0, 0.0):
                 yield FailedMatch(self.name, node, "pad of the sequence with a non-zero value "
                                                    "that is not a left shift")
@@ -320,18 +405,149 @@ class TokenShift(Pattern):
                 yield FailedMatch(self.name, node, f"padding ({left}, {right}) along the "
                                                    f"sequence is not a shift")
 
+    def _pad_of_cut(self, node, cut_node, cut, pads, value) -> Optional[Match]:
+        x, dim, s = cut
+        nd = len(shape(x))
+        pos = 2 * (nd - 1 - dim)
+        if pos + 1 >= len(pads) or any(p != 0 for p in pads[:pos] + pads[pos + 2:]):
+            return None
+        lo, hi = pads[pos], pads[pos + 1]
+        if not ((s > 0 and (lo, hi) == (s, 0)) or (s < 0 and (lo, hi) == (0, -s))):
+            return None
+        return Match(self.kind, self.name, node, bindings={"x": x}, nodes={node, cut_node},
+                     info={"shift": s, "dim": dim, "fill": 0 if value is None else value})
+
+    def _find_cat(self, ctx: Ctx) -> Iterable[Found]:
+        pl = ctx.placements
+        for node, _ in _mixing(ctx, "cat", "concat", "concatenate"):
+            pieces = node.args[0] if node.args else ()
+            if not isinstance(pieces, (list, tuple)) or len(pieces) != 2:
+                continue
+            for i_cut, i_fill in ((1, 0), (0, 1)):
+                cut = _sliced_end(pieces[i_cut], pl)
+                if cut is None:
+                    continue
+                x, dim, s = cut
+                d = arg(node, 1, "dim", 0)
+                if not isinstance(d, int) or d % len(shape(node)) != dim or \
+                        (s > 0) != (i_cut == 1):
+                    continue
+                fill = pieces[i_fill]
+                if not _fill_block(fill, ctx, dim, abs(s)):
+                    yield FailedMatch(self.name, node, "the block concatenated to the shifted "
+                                      "slice is not replicated or not as long as the shift")
+                    break
+                yield Match(self.kind, self.name, node, bindings={"x": x, "fill": fill},
+                            nodes={node, pieces[i_cut]},
+                            info={"shift": s, "dim": dim, "fill": "block"})
+                break
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        fill = m.info.get("fill", 0)
+        fill = m.bindings["fill"] if fill == "block" else fill
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            if m.info["shift"] < 0:
+                out = _call(g, _shift_next, (m.bindings["x"], -m.info["shift"], m.info["dim"],
+                                             fill, ctx.group_name))
+            elif fill in (None, 0, 0.0):
+                out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                        ctx.group_name))
+            else:
+                out = _call(g, _shift_prev, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                             fill, ctx.group_name))
+        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+class SequenceRoll(Pattern):
+    """``torch.roll(x, s, dims=seq)``: the global sequence rotated by ``s`` (``|s| <
+    T_local``; shifts of the whole ``T`` taken modulo ``T``): a shift whose halo comes round a
+    ring, rank 0 getting the last rank's tail (``torch.roll(ids, -1, 1)`` for next-token
+    labels: the last rank gets rank 0's head)."""
+    name = "roll"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, _ in _mixing(ctx, "roll"):
+            x = node.args[0]
+            px, sx = ctx.placements.get(x), shape(x)
+            shifts = arg(node, 1, "shifts")
+            shifts = shifts[0] if isinstance(shifts, (list, tuple)) and len(shifts) == 1 else \
+                shifts
+            dims = arg(node, 2, "dims")
+            dims = dims[0] if isinstance(dims, (list, tuple)) and len(dims) == 1 else dims
+            if not isinstance(px, Shard) or px.merged or px.order or sx is None or \
+                    not isinstance(shifts, int) or not isinstance(dims, int):
+                yield FailedMatch(self.name, node, "not one integer shift of one dim")
+                continue
+            n = sx[px.dim]
+            T = n * max(ctx.world_size, 1)
+            s = shifts % T
+            s = s if s < n else s - T if T - s < n else None
+            if s is None:
+                yield FailedMatch(self.name, node, f"a roll by {shifts} reaches past the "
+                                  f"neighbouring rank (local length {n})")
+                continue
+            yield Match(self.kind, self.name, node, bindings={"x": x},
+                        info={"shift": s, "dim": px.dim})
+
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
         if ctx.world_size == 1:
             return
         g = gm.graph
         with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            if m.info["shift"] < 0:
-                out = _call(g, _shift_next, (m.bindings["x"], -m.info["shift"], m.info["dim"],
-                                             m.info["fill"], ctx.group_name))
-            else:
-                out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
-                                        ctx.group_name))
+            out = _call(g, _roll, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                   ctx.group_name)) if m.info["shift"] else m.bindings["x"]
+        if out is m.bindings["x"]:
+            m.anchor.replace_all_uses_with(out)
+            return
         _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+_SHAPE_ONLY_USERS = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
+                     "randn_like", "new_zeros", "new_ones", "new_full", "new_empty", "size",
+                     "dim"}
+
+
+class ShapeOnlySlice(Pattern):
+    """``torch.zeros_like(x[:, :1])``: a slice of the sequence read only for its shape, dtype
+    and device (a shift's zero block, a start-token buffer). Any ``k`` of this rank's tokens
+    have them: no communication."""
+    name = "shape_only_slice"
+    kind = "shape"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, _ in _mixing(ctx, "getitem"):
+            x = node.args[0]
+            px, sx, so = ctx.placements.get(x), shape(x), shape(node)
+            if not node.users or not all(canonical_name(u) in _SHAPE_ONLY_USERS and
+                                         u.args and u.args[0] is node for u in node.users):
+                continue
+            if not isinstance(px, Shard) or px.merged or sx is None or so is None or \
+                    len(so) != len(sx):
+                continue
+            sl = _seq_slice(node, px.dim, len(sx))
+            n = sx[px.dim]
+            if sl is None or not all(v is None or isinstance(v, int) for v in sl):
+                continue
+            a, b, _ = slice(*sl).indices(n)
+            k = b - a
+            # the first or last k tokens (their count does not depend on the shard length)
+            fixed = (sl[0] in (None, 0) and isinstance(sl[1], int) and 0 <= sl[1] < n) or \
+                (isinstance(sl[0], int) and sl[0] < 0 and sl[1] is None)
+            if fixed and 0 <= k < n:
+                yield Match(self.kind, self.name, node, bindings={"x": x},
+                            info={"dim": px.dim, "length": k})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, torch.narrow, (m.bindings["x"], m.info["dim"], 0, m.info["length"]))
+        _finish(ctx, m.anchor, out, Replicate())
 
 
 def _diff_sp(x, dim: int, prepend, group_name: str):

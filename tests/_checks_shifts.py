@@ -1,0 +1,42 @@
+"""Worker-side checks for tests/test_shifts_dist.py: the shift spellings of
+tests/models_shifts.py on gloo ranks, each in its outcome class (tests/_outcomes.py)."""
+from __future__ import annotations
+
+import torch
+
+import models_shifts as Z
+import _outcomes
+from _outcomes import exact
+
+FILE = "models_shifts.py"
+
+
+def _ids(B, T, vocab=11):
+    return lambda: [torch.randint(0, vocab, (B, T))]
+
+
+def check_shifts(rank, P, rec):
+    exact(rank, P, rec, "cat([zeros_like(x[:, :1]), x[:, :-1]])", Z.CatZerosShift,
+          kinds={"halo", "shape"})
+    exact(rank, P, rec, "cat([x.new_zeros(B, 1, D), x[:, :T - 1]])", Z.NewZerosShift,
+          kinds={"halo"})
+    exact(rank, P, rec, "pad(x[:, :-s], (s, 0)) and pad(x[:, s:], (0, s), value=1)",
+          Z.PadOfCut, kinds={"halo"})
+    exact(rank, P, rec, "pad(x, (1, 0))[:, :-1]", Z.CutOfPad, kinds={"halo"})
+    exact(rank, P, rec, "recurrentgemma Conv1D windows over a loop of shifts", Z.ConvWindows,
+          kinds={"halo"})
+    exact(rank, P, rec, "cat([x[:, 1:], zeros_like(x[:, :1])]) (next token)", Z.NextTokenCat,
+          kinds={"halo", "shape"})
+    exact(rank, P, rec, "learned start token cat([bos, x[:, :-1]])", Z.StartTokenCat,
+          kinds={"halo"})
+    exact(rank, P, rec, "torch.roll(x, 1, 1); y[:, 0] = 0; roll(2); roll on features",
+          Z.RollShift, kinds={"halo", "positions"})
+    exact(rank, P, rec, "labels = torch.roll(ids, -1, 1); labels[:, -1] = -100",
+          Z.RollLabels, _ids(2, 32), kinds={"halo", "reduction"})
+    exact(rank, P, rec, "torch.roll(x, -5, 1)", lambda: Z.RollBy(-5), kinds={"halo"})
+
+
+def check_long_roll(rank, P, rec):
+    """A rotation longer than a shard (12 > T_local = 8 at P = 4): gathered."""
+    _outcomes.gathered(rank, P, rec, "torch.roll(x, 12, 1) past the neighbour",
+                       lambda: Z.RollBy(12), ops=("roll",), file=FILE)

@@ -1,0 +1,153 @@
+"""Token shifts as model-zoo code spells them (RWKV / fla token shift, recurrentgemma's Conv1D
+windows, next-token labels via torch.roll, learned start tokens), each a right or left shift of
+the sequence by a few tokens: on a rank, a halo from a neighbour (tests/_checks_shifts.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CatZerosShift(nn.Module):
+    """``torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)``: RWKV time-mix, written by
+    hand (the zero block's slice is read only for its shape)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+        self.mix = nn.Parameter(torch.rand(d))
+
+    def forward(self, x):
+        x = self.l(x)
+        xx = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return x * self.mix + xx * (1 - self.mix)
+
+
+class NewZerosShift(nn.Module):
+    """``torch.cat([x.new_zeros(B, 1, D), x[:, :T - 1]], 1)``: the stop written with the
+    length (was refused: a slice at a local offset)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        B, T, D = x.shape
+        return x - torch.cat([x.new_zeros(B, 1, D), x[:, :T - 1]], 1)
+
+
+class PadOfCut(nn.Module):
+    """``F.pad(x[:, :-s], (0, 0, s, 0))`` (right by s) and ``F.pad(x[:, s:], (0, 0, 0, s),
+    value=1.0)`` (left by s, ones at the end of the sequence)."""
+
+    def __init__(self, d: int = 16, s: int = 2):
+        super().__init__()
+        self.l, self.s = nn.Linear(d, d), s
+
+    def forward(self, x):
+        x = self.l(x)
+        s = self.s
+        return x + F.pad(x[:, :-s], (0, 0, s, 0)) + F.pad(x[:, s:], (0, 0, 0, s), value=1.0)
+
+
+class CutOfPad(nn.Module):
+    """``F.pad(x, (0, 0, 1, 0))[:, :-1]``: pad in front, then cut the end."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        return x * F.pad(x, (0, 0, 1, 0))[:, :-1]
+
+
+class ConvWindows(nn.Module):
+    """recurrentgemma's ``Conv1D``: ``sum_s pad(x[:, :T - s], s) * w[width - s - 1]`` over a
+    Python loop of ``temporal_width`` shifts (was refused as a loop over tokens)."""
+
+    def __init__(self, d: int = 16, width: int = 4):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(width, d) / width)
+        self.b = nn.Parameter(torch.zeros(d))
+        self.width = width
+
+    def forward(self, x):
+        x = self.l(x)
+        T = x.shape[1]
+        out = torch.zeros_like(x)
+        for shift in range(self.width):
+            win = F.pad(x[:, 0:T - shift], (0, 0, shift, 0))
+            out = out + win * self.w[self.width - shift - 1]
+        return out + self.b
+
+
+class NextTokenCat(nn.Module):
+    """``torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1)``: the next token (a left
+    shift; was refused as a loop over tokens)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        return x + torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1)
+
+
+class StartTokenCat(nn.Module):
+    """A learned start token in front: ``cat([bos.expand(B, 1, D), x[:, :-1]], 1)`` (rank 0
+    gets the token, the others their neighbour's last one; the token's gradient from rank 0)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+        self.bos = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, x):
+        x = self.l(x)
+        return x * torch.cat([self.bos.expand(x.shape[0], 1, -1), x[:, :-1]], dim=1)
+
+
+class RollShift(nn.Module):
+    """``torch.roll(x, 1, 1)`` then ``y[:, 0] = 0`` (a shift spelled as a rotation), and
+    ``x.roll(2, dims=1)`` kept circular; a roll along the features stays local."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        y = torch.roll(x, shifts=1, dims=1)
+        y[:, 0] = 0
+        return x + y + 0.5 * x.roll(2, dims=1) + torch.roll(x, 3, -1)
+
+
+class RollBy(nn.Module):
+    """``torch.roll(x, shift, 1)`` by a fixed amount (a long rotation reaches past the
+    neighbour: computed on the gathered sequence)."""
+
+    def __init__(self, shift: int, d: int = 16):
+        super().__init__()
+        self.l, self.shift = nn.Linear(d, d), shift
+
+    def forward(self, x):
+        return torch.roll(self.l(x), self.shift, 1)
+
+
+class RollLabels(nn.Module):
+    """Next-token labels as ``torch.roll(ids, -1, 1)`` with ``labels[:, -1] = -100``, into the
+    mean cross-entropy."""
+
+    def __init__(self, d: int = 16, vocab: int = 11):
+        super().__init__()
+        self.e, self.h = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        logits = self.h(self.e(ids))
+        labels = torch.roll(ids, shifts=-1, dims=1)
+        labels[:, -1] = -100
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
