@@ -109,10 +109,13 @@ def check_fallback(rank, P, rec):
     rec.true("fallback flip: warned, naming the op and line",
              any("flip" in m and "models.py" in m for m in msgs), "; ".join(msgs)[:500])
     rec.true("fallback flip: recorded", _fallbacks(be) >= 1)
-    from models import CatShift
+    from models import CatShift, FNetMix
     from models_loops import CounterLoop
-    be = compare_sharded(rank, P, rec, "fallback cat-shift", lambda: CatShift())
-    rec.true("fallback cat-shift: gathered, re-sharded", _fallbacks(be) >= 1)
+    be = compare_sharded(rank, P, rec, "fallback fft", lambda: FNetMix())
+    rec.true("fallback fft: gathered, re-sharded", _fallbacks(be) >= 1)
+    be = compare_sharded(rank, P, rec, "cat-shift", lambda: CatShift())
+    rec.true("cat-shift: a halo, no fallback", _fallbacks(be) == 0 and "halo" in [
+        m.kind for r in be.reports for m in r.matches])
     torch._dynamo.reset()
     try:
         torch.compile(CounterLoop(), backend=spcompile.backend())(torch.randn(2, 8, 16))

@@ -34,6 +34,8 @@ def check_shifts(rank, P, rec):
     exact(rank, P, rec, "labels = torch.roll(ids, -1, 1); labels[:, -1] = -100",
           Z.RollLabels, _ids(2, 32), kinds={"halo", "reduction"})
     exact(rank, P, rec, "torch.roll(x, -5, 1)", lambda: Z.RollBy(-5), kinds={"halo"})
+    exact(rank, P, rec, "pad + unfold windows, centred and causal", Z.CentredWindows,
+          kinds={"halo"})
 
 
 def check_long_roll(rank, P, rec):

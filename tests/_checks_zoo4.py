@@ -67,6 +67,8 @@ def check_exact(rank, P, rec):
           kinds={"attention", "positions"})
     exact(rank, P, rec, "reshape(B, T//2, 2, D).mean(2) + repeat_interleave(2, dim=1)",
           Z.ChunkMeanPool)
+    exact(rank, P, rec, "F.pad + x.unfold(1, w, 1) local windows (was gathered)",
+          Z.UnfoldLocalAttention, kinds={"halo"})
 
 
 def check_graph_breaks(rank, P, rec):
@@ -191,8 +193,6 @@ def check_gathered(rank, P, rec):
              ops=("group_norm",))
     gathered(rank, P, rec, "F.normalize(x) with its default dim=1 (the sequence)",
              Z.NormalizeDefaultDim, ops=("normalize",))
-    gathered(rank, P, rec, "F.pad + x.unfold(1, w, 1) local windows", Z.UnfoldLocalAttention,
-             ops=("pad",))
     gathered(rank, P, rec, "x.repeat(1, 2, 1) tiling the sequence (was taken for a shard)",
              Z.TileSequence, ops=("repeat",))
     check_batchnorm(rank, P, rec)

@@ -262,7 +262,7 @@ class NonCausalLinearAttention(nn.Module):
 
 
 class CatShift(nn.Module):
-    """Token shift spelled with cat + slice (no pattern: computed through the fallback)."""
+    """Token shift spelled with cat + slice (a halo, like ``F.pad(h, (0, 0, 1, -1))``)."""
 
     def __init__(self, d: int = 16):
         super().__init__()
@@ -272,6 +272,19 @@ class CatShift(nn.Module):
         h = self.lin(x)
         shifted = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
         return x + shifted * h.sigmoid()
+
+
+class FNetMix(nn.Module):
+    """FNet's token mixing, ``fft`` along the sequence (no pattern: computed through the
+    fallback, on the gathered sequence)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return x + torch.fft.fft(torch.fft.fft(h, dim=-1), dim=1).real
 
 
 class TokenLoop(nn.Module):

@@ -151,3 +151,21 @@ class RollLabels(nn.Module):
         labels = torch.roll(ids, shifts=-1, dims=1)
         labels[:, -1] = -100
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
+class CentredWindows(nn.Module):
+    """Windows each way: ``F.pad(x, (0, 0, 1, 1), value=-1.0).unfold(1, 3, 1)`` (a
+    non-causal local mix over the previous, own and next token) and causal windows of 4
+    through ``pad(x.transpose(1, 2), (3, 0)).unfold(2, 4, 1)`` on ``[B, D, T]``."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+        self.k3 = nn.Parameter(torch.randn(d, 3))
+        self.k4 = nn.Parameter(torch.randn(d, 4))
+
+    def forward(self, x):
+        x = self.l(x)
+        around = (F.pad(x, (0, 0, 1, 1), value=-1.0).unfold(1, 3, 1) * self.k3).sum(-1)
+        causal = (F.pad(x.transpose(1, 2), (3, 0)).unfold(2, 4, 1) * self.k4[:, None]).sum(-1)
+        return around + causal.transpose(1, 2)

@@ -4,7 +4,7 @@ from .linear_attention import MaskedLinearAttention
 from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, FixedPositionWrite, LeadingRowScan,
-                           Positions, SDPAttention, SequenceDiff, SequenceIndex, SequenceReduction,
+                           PaddedWindows, Positions, SDPAttention, SequenceDiff, SequenceIndex, SequenceReduction,
                            SequenceRoll, SequenceScan, ShapeOnlySlice, ShiftedLoss,
                            TokenShift)
 
@@ -15,7 +15,7 @@ def all_patterns():
 
 
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
-            SequenceRoll, ShapeOnlySlice, SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
+            SequenceRoll, ShapeOnlySlice, PaddedWindows, SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
             SequenceIndex, CumsumLinearAttention, LeadingRowScan, SequenceScan,
             FixedPositionWrite]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)

@@ -6,6 +6,7 @@
 | causal_conv   | ``conv1d(x, w, padding=k-1)[..., :T]``, ``conv1d(pad(x, (k-1, 0)), w)`` | halo of k-1 tokens |
 | token_shift   | ``F.pad(x, (0, 0, s, -s))``, ``cat([zeros, x[:, :-s]], 1)``, left shifts | halo of s tokens |
 | roll          | ``torch.roll(x, s, dims=1)``                             | halo on a ring          |
+| windows       | ``F.pad(x, (0, 0, w - 1, 0)).unfold(1, w, 1)``           | halos each way          |
 | positions     | ``torch.arange(T)``, ``table[:T]`` (RoPE caches, pe)     | offset by rank·T_local  |
 | reduction     | ``sum``/``mean``/``amax``/``amin`` over the sequence     | local + all-reduce      |
 | cross_entropy | ``F.cross_entropy(logits, target)`` (mean)               | sums + all-reduce       |
@@ -327,6 +328,11 @@ def _sliced_end(node, pl):
     return None
 
 
+def _covered(ctx: Ctx) -> set:
+    """The nodes earlier families' matches cover (detection appends to ``ctx.matches``)."""
+    return set().union(*(m.nodes for m in ctx.matches)) if ctx.matches else set()
+
+
 def _fill_block(node, ctx: Ctx, dim: int, s: int) -> bool:
     """A block concatenated in front of (or after) a shift: the same on every rank
     (replicated: zeros, a learned start token) and ``s`` long on ``dim``."""
@@ -418,8 +424,10 @@ class TokenShift(Pattern):
                      info={"shift": s, "dim": dim, "fill": 0 if value is None else value})
 
     def _find_cat(self, ctx: Ctx) -> Iterable[Found]:
-        pl = ctx.placements
+        pl, covered = ctx.placements, _covered(ctx)
         for node, _ in _mixing(ctx, "cat", "concat", "concatenate"):
+            if node in covered:
+                continue
             pieces = node.args[0] if node.args else ()
             if not isinstance(pieces, (list, tuple)) or len(pieces) != 2:
                 continue
@@ -459,6 +467,80 @@ class TokenShift(Pattern):
                 out = _call(g, _shift_prev, (m.bindings["x"], m.info["shift"], m.info["dim"],
                                              fill, ctx.group_name))
         _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+def _pad_halos(x, lo: int, hi: int, dim: int, fill, group_name: str):
+    """``F.pad(x, (lo, hi), value=fill)`` along the sequence as windows over it see it: the
+    previous rank's last ``lo`` tokens in front, the next rank's first ``hi`` after (``fill``
+    beyond the ends of the sequence)."""
+    from ...collectives import group_rank, group_size, halo_from_next
+    parts = [x]
+    if lo:
+        halo = _halo(x, lo, dim, group_name)
+        first = group_rank(group_name) == 0
+        parts.insert(0, torch.where(torch.tensor(first, device=x.device),
+                                    torch.full_like(halo, fill), halo))
+    if hi:
+        halo = halo_from_next(x, hi, dim=dim, group=group_name)
+        last = group_rank(group_name) == group_size(group_name) - 1
+        parts.append(torch.where(torch.tensor(last, device=x.device),
+                                 torch.full_like(halo, fill), halo))
+    return torch.ops.spcompile.layout_barrier(torch.cat(parts, dim=dim))
+
+
+class PaddedWindows(Pattern):
+    """``F.pad(x, (lo, hi)).unfold(seq, lo + hi + 1, 1)``: the window of tokens around each
+    token (``lo = w - 1, hi = 0``: causal windows for local attention or a convolution written
+    by hand; centred windows). On a rank the padding is the neighbours' tokens (a halo each
+    way), the sequence's ends keep the pad value."""
+    name = "padded_windows"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        pl = ctx.placements
+        for node, _ in _mixing(ctx, "pad"):
+            x = node.args[0]
+            px, sx = pl.get(x), shape(x)
+            users = list(node.users)
+            if not users or not all(u.op == "call_method" and u.target == "unfold"
+                                    for u in users):
+                continue
+            if not isinstance(px, Shard) or px.merged or px.order or sx is None or \
+                    arg(node, 2, "mode", "constant") != "constant":
+                yield FailedMatch(self.name, node, "windows over a pad that is not constant or "
+                                                   "of a value not sharded plainly")
+                continue
+            pads = list(arg(node, 1, "pad"))
+            pos = 2 * (len(sx) - 1 - px.dim)
+            if pos + 1 >= len(pads) or any(p != 0 for p in pads[:pos] + pads[pos + 2:]):
+                continue
+            lo, hi = pads[pos], pads[pos + 1]
+            n = sx[px.dim]
+            want = (px.dim, lo + hi + 1, 1)
+            got = [(arg(u, 1, "dimension") % len(sx) if isinstance(arg(u, 1, "dimension"), int)
+                    else None, arg(u, 2, "size"), arg(u, 3, "step")) for u in users]
+            if lo < 0 or hi < 0 or lo > n or hi > n or any(g != want for g in got):
+                yield FailedMatch(self.name, node, f"unfold{got[0]} over pad ({lo}, {hi}) is "
+                                  f"not one window of {lo + hi + 1} per token (step 1), or it "
+                                  f"reaches past a neighbour (local length {n})")
+                continue
+            value = arg(node, 3, "value", None)
+            yield Match(self.kind, self.name, node, bindings={"x": x}, nodes={node, *users},
+                        info={"lo": lo, "hi": hi, "dim": px.dim,
+                              "fill": 0 if value is None else value})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _pad_halos, (m.bindings["x"], m.info["lo"], m.info["hi"],
+                                        m.info["dim"], m.info["fill"], ctx.group_name))
+        out.meta["spcompile_placement"] = Replicate()  # n + lo + hi long: only windows read it
+        users = list(m.anchor.users)
+        m.anchor.replace_all_uses_with(out)
+        for u in users:  # one window per token of this rank
+            u.meta["spcompile_placement"] = Shard(m.info["dim"])
 
 
 class SequenceRoll(Pattern):
@@ -519,7 +601,10 @@ class ShapeOnlySlice(Pattern):
     kind = "shape"
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        covered = _covered(ctx)
         for node, _ in _mixing(ctx, "getitem"):
+            if node in covered:  # part of an earlier family's match (a chunked SSD's init)
+                continue
             x = node.args[0]
             px, sx, so = ctx.placements.get(x), shape(x), shape(node)
             if not node.users or not all(canonical_name(u) in _SHAPE_ONLY_USERS and
