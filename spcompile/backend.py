@@ -27,6 +27,7 @@ from ._compat import mark_side_effect
 COLLECTIVE_OPS = ("allreduce", "all_reduce", "gather_sequence", "gather_sequence_rs",
                   "reduce_scatter_sequence", "halo_exchange", "halo_exchange_bwd",
                   "halo_from_next", "halo_from_next_bwd", "halo_roll", "halo_roll_bwd",
+                  "flip_sequence",
                   "exclusive_state_scan", "exclusive_state_scan_bwd", "seq_to_heads",
                   "heads_to_seq", "ring_attention", "ring_attention_bwd",
                   "sequence_logcumsumexp", "sequence_logcumsumexp_backward", "sp_scan_overlap",

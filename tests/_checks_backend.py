@@ -104,15 +104,15 @@ def check_hybrid(rank, P, rec):
 def check_fallback(rank, P, rec):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        be = compare_sharded(rank, P, rec, "fallback flip", lambda: Unsupported())
+        be = compare_sharded(rank, P, rec, "fallback fft", lambda: Unsupported())
     msgs = [str(w.message) for w in caught if "spcompile" in str(w.message)]
-    rec.true("fallback flip: warned, naming the op and line",
-             any("flip" in m and "models.py" in m for m in msgs), "; ".join(msgs)[:500])
-    rec.true("fallback flip: recorded", _fallbacks(be) >= 1)
+    rec.true("fallback fft: warned, naming the op and line",
+             any("fft" in m and "models.py" in m for m in msgs), "; ".join(msgs)[:500])
+    rec.true("fallback fft: recorded", _fallbacks(be) >= 1)
     from models import CatShift, FNetMix
     from models_loops import CounterLoop
-    be = compare_sharded(rank, P, rec, "fallback fft", lambda: FNetMix())
-    rec.true("fallback fft: gathered, re-sharded", _fallbacks(be) >= 1)
+    be = compare_sharded(rank, P, rec, "fallback 2-D fft", lambda: FNetMix())
+    rec.true("fallback 2-D fft: gathered, re-sharded", _fallbacks(be) >= 1)
     be = compare_sharded(rank, P, rec, "cat-shift", lambda: CatShift())
     rec.true("cat-shift: a halo, no fallback", _fallbacks(be) == 0 and "halo" in [
         m.kind for r in be.reports for m in r.matches])
@@ -126,9 +126,9 @@ def check_fallback(rank, P, rec):
     try:
         compiled = torch.compile(Unsupported(), backend=spcompile.backend(strict=True))
         compiled(torch.randn(2, 8, 16))
-        rec.true("strict refuses flip", False, "no error raised")
+        rec.true("strict refuses fft", False, "no error raised")
     except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
-        rec.true("strict refuses flip", "flip" in str(e) and "strict" in str(e), str(e)[:300])
+        rec.true("strict refuses fft", "fft" in str(e) and "strict" in str(e), str(e)[:300])
 
 
 def check_allscan(rank, P, rec):

@@ -42,3 +42,10 @@ def check_long_roll(rank, P, rec):
     """A rotation longer than a shard (12 > T_local = 8 at P = 4): gathered."""
     _outcomes.gathered(rank, P, rec, "torch.roll(x, 12, 1) past the neighbour",
                        lambda: Z.RollBy(12), ops=("roll",), file=FILE)
+
+
+def check_sequence_ops(rank, P, rec):
+    exact(rank, P, rec, "bidirectional scan: x.flip([1]), fliplr, flip of two dims",
+          Z.BidirectionalScan, kinds={"halo", "cumsum"})
+    exact(rank, P, rec, "softmax / log_softmax over the tokens (AFT, pooling)", Z.AFTSimple,
+          kinds={"reduction"})

@@ -264,6 +264,13 @@ def check_halo(rec: Recorder, r: int, P: int) -> None:
         (gx,) = grads((ys * shard(W, 1, r, P)).sum(), [xs])
         rec.close(f"halo/roll{shift}/fwd", ys, shard(y, 1, r, P))
         rec.close(f"halo/roll{shift}/dx", gx, shard(gx_ref, 1, r, P))
+    y = torch.flip(xr, [1])  # flip_sequence: the mirror rank's shard, reversed
+    (gx_ref,) = grads((y * W).sum(), [xr])
+    xs = leaf(shard(x, 1, r, P))
+    ys = C.flip_sequence(xs, dim=1, group=dist.group.WORLD)
+    (gx,) = grads((ys * shard(W, 1, r, P)).sum(), [xs])
+    rec.close("halo/flip/fwd", ys, shard(y, 1, r, P))
+    rec.close("halo/flip/dx", gx, shard(gx_ref, 1, r, P))
     try:
         C.halo_exchange(xs, Tl + 1, group=dist.group.WORLD)
         rec.true("halo/too_wide_error", False, "no error")
@@ -488,6 +495,7 @@ def check_opcheck(rec: Recorder, r: int, P: int) -> None:
         "halo_exchange": (halo._halo_exchange, (rn(2, 5, 3), 2, 1, name)),
         "halo_from_next": (halo._halo_from_next, (rn(2, 5, 3), 2, 1, name)),
         "halo_roll": (halo._halo_roll, (rn(2, 5, 3), 2, 1, True, name)),
+        "flip_sequence": (halo._flip_sequence, (rn(2, 5, 3), 1, name)),
         "all_reduce": (reduce._all_reduce, (rn(3, 4), name, "max")),
         "gather_sequence_rs": (reduce._gather_sequence_rs, (rn(2, 5, 3), 1, name, "g")),
         "seq_to_heads": (attention._seq_to_heads, (rn(1, 4, 3, 5), name)),

@@ -138,7 +138,8 @@ class Hybrid(nn.Module):
 
 
 class Unsupported(nn.Module):
-    """Mixes tokens with an op no pattern covers (flip along the sequence)."""
+    """Mixes tokens with an op no pattern covers (an FFT along the sequence, FNet/Hyena's
+    global convolution)."""
 
     def __init__(self, d: int = 16):
         super().__init__()
@@ -146,7 +147,7 @@ class Unsupported(nn.Module):
 
     def forward(self, x):
         h = self.lin(x)
-        return h + torch.flip(h, dims=[1]).cumsum(1) * 0.1
+        return h + torch.fft.fft(h, dim=1).real * 0.1
 
 
 class RetNetRetention(nn.Module):

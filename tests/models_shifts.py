@@ -1,6 +1,8 @@
 """Token shifts as model-zoo code spells them (RWKV / fla token shift, recurrentgemma's Conv1D
 windows, next-token labels via torch.roll, learned start tokens), each a right or left shift of
-the sequence by a few tokens: on a rank, a halo from a neighbour (tests/_checks_shifts.py)."""
+the sequence by a few tokens: on a rank, a halo from a neighbour; and the other whole-sequence
+rearrangements of that kind: flips (bidirectional scans), softmax over the tokens
+(tests/_checks_shifts.py)."""
 from __future__ import annotations
 
 import torch
@@ -169,3 +171,36 @@ class CentredWindows(nn.Module):
         around = (F.pad(x, (0, 0, 1, 1), value=-1.0).unfold(1, 3, 1) * self.k3).sum(-1)
         causal = (F.pad(x.transpose(1, 2), (3, 0)).unfold(2, 4, 1) * self.k4[:, None]).sum(-1)
         return around + causal.transpose(1, 2)
+
+
+class BidirectionalScan(nn.Module):
+    """Vision Mamba / Caduceus style: a forward scan and the same scan over ``x.flip([1])``,
+    flipped back; plus ``torch.fliplr`` and a flip of two dims at once."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l, self.g = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        a = torch.sigmoid(self.g(x))
+        fw = torch.cumsum(x * a, 1)
+        bw = torch.cumsum((x * a).flip([1]), 1).flip([1])
+        return fw + bw + torch.fliplr(x) * 0.5 + torch.flip(x, dims=(1, 2)) * 0.25
+
+
+class AFTSimple(nn.Module):
+    """AFT-simple: ``softmax(k, dim=1)`` over the tokens (in fp32 via ``dtype=``) weighting the
+    values, and an attention pooling ``log_softmax`` over the tokens."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        # no bias: softmax over the tokens is shift-invariant, its gradient is 0 up to rounding
+        self.score = nn.Linear(d, 1, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        w = torch.softmax(k, dim=1, dtype=torch.float32)
+        pooled = (self.score(x).log_softmax(dim=-2).exp() * v).sum(1, keepdim=True)
+        return torch.sigmoid(q) * (w * v).sum(1, keepdim=True) + pooled

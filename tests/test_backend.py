@@ -113,7 +113,7 @@ def test_explain_names_a_near_miss():
 
 
 def test_strict_refuses_unsupported_mixing():
-    with pytest.raises(Exception, match="flip"):
+    with pytest.raises(Exception, match="fft"):
         spcompile.explain(Unsupported(), torch.randn(1, 8, 16), world_size=2, strict=True)
 
 

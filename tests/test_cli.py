@@ -45,19 +45,19 @@ def test_explain_retnet(capsys):
 
 
 def test_explain_module_target_and_strict(capsys, tmp_path, monkeypatch):
-    (tmp_path / "flipmodel.py").write_text(textwrap.dedent("""
+    (tmp_path / "fftmodel.py").write_text(textwrap.dedent("""
         import torch
-        class Flip(torch.nn.Module):
+        class FFT(torch.nn.Module):
             def forward(self, x):
-                return torch.flip(x, dims=[1]) * 2
+                return torch.fft.fft(x, dim=1).real * 2
         def factory():
-            return Flip(), (torch.randn(2, 8, 4),)
+            return FFT(), (torch.randn(2, 8, 4),)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    rc, out, _ = run_main(capsys, "explain", "flipmodel:factory", "-P", "2")
-    assert rc == 0 and "fallbacks (1)" in out and "flip" in out
-    rc, out, err = run_main(capsys, "explain", "flipmodel:factory", "-P", "2", "--strict")
-    assert rc == 1 and "SequenceParallelError" in err and "flip" in err
+    rc, out, _ = run_main(capsys, "explain", "fftmodel:factory", "-P", "2")
+    assert rc == 0 and "fallbacks (1)" in out and "fft" in out
+    rc, out, err = run_main(capsys, "explain", "fftmodel:factory", "-P", "2", "--strict")
+    assert rc == 1 and "SequenceParallelError" in err and "fft" in err
 
 
 def test_bad_target_is_one_clear_line(capsys):

@@ -9,6 +9,9 @@ gradient of its tail. Both directions are point-to-point inside custom ops.
 
 ``halo_roll`` is the circular version (``torch.roll`` along the sequence): the ends of the chain
 are joined, so rank 0 gets the last rank's tail (or the last rank gets rank 0's head).
+
+``flip_sequence`` reverses the global sequence: rank r flips its shard and swaps it with rank
+P-1-r (one exchange; the middle rank of an odd P keeps its own). Its backward is itself.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from torch import Tensor
 
 from . import runtime as rt
 
-__all__ = ["halo_exchange", "halo_from_next", "halo_roll"]
+__all__ = ["halo_exchange", "halo_from_next", "halo_roll", "flip_sequence"]
 
 
 def _exchange(send: Tensor, recv_shape, pg, to: int, frm: int, what: str) -> Tensor:
@@ -239,3 +242,55 @@ def halo_roll(x: Tensor, width: int, *, dim: int = 1, from_next: bool = False,
     if rt.group_size(name) == 1 or width == 0:
         return x.narrow(dim, 0 if from_next else L - width, width).clone()
     return _halo_roll(x, width, dim, from_next, name)
+
+
+# ------------------------------------------------------------------ the mirror (torch.flip)
+def _mirror(x: Tensor, dim: int, group: str) -> Tensor:
+    pg = rt.resolve_group(group)
+    y = x.flip(dim)
+    if pg is None or pg.size() == 1:
+        return y
+    rt.check_uniform(pg, "flip_sequence", {
+        "ndim": x.dim(), **{f"size of dim {i}": s for i, s in enumerate(x.shape)},
+        "dtype": rt.dtype_code(x.dtype)},
+        hint=" (shard the sequence evenly)", like=x)
+    r, P = pg.rank(), pg.size()
+    m = P - 1 - r
+    if m == r:
+        return y.contiguous()
+    return _exchange(y, y.shape, pg, m, m, "flip_sequence")
+
+
+@torch.library.custom_op("spcompile::flip_sequence", mutates_args=())
+def _flip_sequence(x: Tensor, dim: int, group: str) -> Tensor:
+    return _mirror(x, dim, group)
+
+
+@_flip_sequence.register_fake
+def _(x, dim, group):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _flip_setup(ctx, inputs, output):
+    _, ctx.dim, ctx.group = inputs
+    ctx.float = inputs[0].dtype.is_floating_point or inputs[0].dtype.is_complex
+
+
+def _flip_backward(ctx, grad):
+    if not ctx.float:
+        return None, None, None
+    return _flip_sequence(grad.contiguous(), ctx.dim, ctx.group), None, None
+
+
+_flip_sequence.register_autograd(_flip_backward, setup_context=_flip_setup)
+
+
+def flip_sequence(x: Tensor, *, dim: int = 1, group: rt.GroupLike = None) -> Tensor:
+    """This rank's shard of the global sequence reversed along ``dim`` (``torch.flip`` of the
+    whole sequence): rank r's flipped shard goes to rank P-1-r. Differentiable (the backward
+    is the same exchange). With one rank: ``x.flip(dim)``."""
+    dim = dim % x.dim()
+    name = rt.group_name(group)
+    if rt.group_size(name) == 1:
+        return x.flip(dim)
+    return _flip_sequence(x, dim, name)

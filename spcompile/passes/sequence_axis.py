@@ -1082,6 +1082,18 @@ class Analyzer:
             return p
         return Mixing("roll along the sequence axis", p.dim)
 
+    def flip(self, node: fx.Node) -> Placement:
+        x = node.args[0]
+        p = self.get(x)
+        name = canonical_name(node)
+        dims = {"fliplr": [1], "flipud": [0]}.get(name) or arg(node, 1, "dims")
+        dims = [dims] if isinstance(dims, int) else list(dims or ())
+        if not isinstance(p, Shard):
+            return p if isinstance(p, Replicate) else Mixing(f"flip of a {p} value")
+        if p.dim not in {_norm(d, _nd(x)) for d in dims if isinstance(d, int)}:
+            return p
+        return Mixing("flip along the sequence axis", p.dim)
+
     def cross_entropy(self, node: fx.Node) -> Placement:
         red = node.kwargs.get("reduction", "mean")
         if red == "none":
@@ -1296,6 +1308,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "view_as_complex": Analyzer.view_as_complex, "view_as_real": Analyzer.view_as_real,
     "matmul": Analyzer.matmul, "linear": Analyzer.linear,
     "roll": Analyzer.roll,
+    "flip": Analyzer.flip, "fliplr": Analyzer.flip, "flipud": Analyzer.flip,
     "softmax": Analyzer.softmax_like, "log_softmax": Analyzer.softmax_like,
     "cumsum": Analyzer.cum, "cumprod": Analyzer.cum, "cummax": Analyzer.cum,
     "cummin": Analyzer.cum, "logcumsumexp": Analyzer.cum,

@@ -4,9 +4,9 @@ from .linear_attention import MaskedLinearAttention
 from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, FixedPositionWrite, LeadingRowScan,
-                           PaddedWindows, Positions, SDPAttention, SequenceDiff, SequenceIndex, SequenceReduction,
-                           SequenceRoll, SequenceScan, ShapeOnlySlice, ShiftedLoss,
-                           TokenShift)
+                           PaddedWindows, Positions, SDPAttention, SequenceDiff, SequenceFlip,
+                           SequenceIndex, SequenceReduction, SequenceRoll, SequenceScan,
+                           SequenceSoftmax, ShapeOnlySlice, ShiftedLoss, TokenShift)
 
 
 def all_patterns():
@@ -15,9 +15,9 @@ def all_patterns():
 
 
 REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
-            SequenceRoll, ShapeOnlySlice, PaddedWindows, SequenceDiff, Positions, SequenceReduction, ShiftedLoss, CrossEntropy,
-            SequenceIndex, CumsumLinearAttention, LeadingRowScan, SequenceScan,
-            FixedPositionWrite]
+            SequenceRoll, SequenceFlip, ShapeOnlySlice, PaddedWindows, SequenceDiff, Positions,
+            SequenceReduction, ShiftedLoss, CrossEntropy, SequenceIndex, SequenceSoftmax,
+            CumsumLinearAttention, LeadingRowScan, SequenceScan, FixedPositionWrite]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the masked forms)
 REGISTRY.insert(1, ChunkStateRecurrence)

@@ -7,6 +7,8 @@
 | token_shift   | ``F.pad(x, (0, 0, s, -s))``, ``cat([zeros, x[:, :-s]], 1)``, left shifts | halo of s tokens |
 | roll          | ``torch.roll(x, s, dims=1)``                             | halo on a ring          |
 | windows       | ``F.pad(x, (0, 0, w - 1, 0)).unfold(1, w, 1)``           | halos each way          |
+| flip          | ``x.flip(1)``, ``torch.fliplr(x)`` (bidirectional scans) | the mirror rank's shard |
+| softmax       | ``softmax(x, dim=seq)`` (AFT, attention pooling)         | global max and sum      |
 | positions     | ``torch.arange(T)``, ``table[:T]`` (RoPE caches, pe)     | offset by rank·T_local  |
 | reduction     | ``sum``/``mean``/``amax``/``amin`` over the sequence     | local + all-reduce      |
 | cross_entropy | ``F.cross_entropy(logits, target)`` (mean)               | sums + all-reduce       |
@@ -585,6 +587,86 @@ class SequenceRoll(Pattern):
         if out is m.bindings["x"]:
             m.anchor.replace_all_uses_with(out)
             return
+        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+def _flip(x, dims, dim: int, group_name: str):
+    """``torch.flip(x, dims)`` of the global sequence: the other dims flipped locally, the
+    sequence by the mirror exchange."""
+    from ...collectives import flip_sequence
+    others = [d for d in dims if d != dim]
+    y = x.flip(others) if others else x
+    return flip_sequence(y, dim=dim, group=group_name or None)
+
+
+class SequenceFlip(Pattern):
+    """``x.flip(1)`` / ``torch.flip(x, [1])`` / ``torch.fliplr`` along the sequence
+    (bidirectional SSMs and scans: Vision Mamba, Caduceus, ``scan(x.flip(1)).flip(1)``): rank r
+    gets rank P-1-r's shard, reversed (one exchange with the mirror rank)."""
+    name = "flip"
+    kind = "halo"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, _ in _mixing(ctx, "flip", "fliplr", "flipud"):
+            x = node.args[0]
+            px, sx = ctx.placements.get(x), shape(x)
+            if not isinstance(px, Shard) or px.merged or px.order or sx is None:
+                yield FailedMatch(self.name, node, "flip of a value not sharded plainly")
+                continue
+            name = canonical_name(node)
+            dims = {"fliplr": [1], "flipud": [0]}.get(name) or arg(node, 1, "dims")
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            dims = sorted({d % len(sx) for d in dims})
+            yield Match(self.kind, self.name, node, bindings={"x": x},
+                        info={"dims": dims, "dim": px.dim})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _flip, (m.bindings["x"], m.info["dims"], m.info["dim"],
+                                   ctx.group_name))
+        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+
+
+def _global_softmax(x, dim: int, log: bool, dtype, group_name: str):
+    """softmax / log_softmax over a sharded ``dim``: the global max (no gradient: softmax does
+    not depend on it) and the global sum of exponentials, one all-reduce each."""
+    if dtype is not None:
+        x = x.to(dtype)
+    m = spops.allreduce(x.detach().amax(dim, keepdim=True), "max", group_name)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf: torch gives nan too
+    z = x - m
+    s = spops.allreduce(torch.exp(z).sum(dim, keepdim=True), "sum", group_name)
+    return z - torch.log(s) if log else torch.exp(z) / s
+
+
+class SequenceSoftmax(Pattern):
+    """``softmax`` / ``log_softmax`` along the sequence (AFT's ``softmax(k, dim=1)``, attention
+    pooling over the tokens, Efficient Attention's key softmax): local exponentials normalised
+    by the global max and sum (two small all-reduces)."""
+    name = "sequence_softmax"
+    kind = "reduction"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, reason in _mixing(ctx, "softmax", "log_softmax"):
+            x = node.args[0]
+            px = ctx.placements.get(x)
+            if not isinstance(px, Shard) or px.merged or px.order or \
+                    not reason.endswith("along the sequence axis"):
+                continue
+            yield Match(self.kind, self.name, node, bindings={"x": x},
+                        info={"dim": px.dim, "log": canonical_name(node) == "log_softmax",
+                              "dtype": arg(node, 2, "dtype", None)})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if ctx.world_size == 1:
+            return
+        g = gm.graph
+        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+            out = _call(g, _global_softmax, (m.bindings["x"], m.info["dim"], m.info["log"],
+                                             m.info["dtype"], ctx.group_name))
         _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
 
 
