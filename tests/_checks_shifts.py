@@ -6,7 +6,7 @@ import torch
 
 import models_shifts as Z
 import _outcomes
-from _outcomes import exact
+from _outcomes import exact, refused
 
 FILE = "models_shifts.py"
 
@@ -49,3 +49,8 @@ def check_sequence_ops(rank, P, rec):
           Z.BidirectionalScan, kinds={"halo", "cumsum"})
     exact(rank, P, rec, "softmax / log_softmax over the tokens (AFT, pooling)", Z.AFTSimple,
           kinds={"reduction"})
+
+
+def check_length_shifts(rank, P, rec):
+    refused(rank, P, rec, "torch.roll(x, T // 2, 1) (T folded to the local length)",
+            Z.RollByLength, text=("local length", "length_constants"))

@@ -204,3 +204,16 @@ class AFTSimple(nn.Module):
         w = torch.softmax(k, dim=1, dtype=torch.float32)
         pooled = (self.score(x).log_softmax(dim=-2).exp() * v).sum(1, keepdim=True)
         return torch.sigmoid(q) * (w * v).sum(1, keepdim=True) + pooled
+
+
+class RollByLength(nn.Module):
+    """``torch.roll(x, T // 2, 1)`` with ``T = x.shape[1]``: Dynamo folds the local length into
+    the shift (refused: the global roll is by another amount)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        return torch.roll(x, x.shape[1] // 2, 1)

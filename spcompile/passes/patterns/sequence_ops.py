@@ -310,7 +310,8 @@ def _roll(x, s: int, dim: int, group_name: str):
 def _sliced_end(node, pl):
     """``x[..., :n - s, ...]`` (the head of a shard, all but its last ``s`` tokens) → ``(x, dim,
     s)``; ``x[..., s:, ...]`` (all but the first ``s``) → ``(x, dim, -s)``; else None. Only small
-    shifts (``2 s <= n``): a cut near the other end reads as a constant, not a shift."""
+    shifts (``2 s < n``): a cut at half the shard or beyond (``x[:, :T // 2]``) reads as a
+    length, not a shift."""
     if not isinstance(node, fx.Node) or canonical_name(node) != "getitem" or \
             not isinstance(node.args[0], fx.Node):
         return None
@@ -323,9 +324,9 @@ def _sliced_end(node, pl):
         return None
     n = sx[px.dim]
     a, b, _ = slice(*sl).indices(n)
-    if a == 0 and 0 < n - b and 2 * (n - b) <= n:
+    if a == 0 and 0 < n - b and 2 * (n - b) < n:
         return x, px.dim, n - b
-    if b == n and 0 < a and 2 * a <= n:
+    if b == n and 0 < a and 2 * a < n:
         return x, px.dim, -a
     return None
 
@@ -395,7 +396,7 @@ class TokenShift(Pattern):
             if right == 0 and left > 0 and all(p == 0 for p in others) and cuts and all(
                     c is not None and c[0] in (None, 0) and c[1] is not None and
                     slice(*c).indices(shape(node)[px.dim])[1] == shape(x)[px.dim]
-                    for c in cuts) and 2 * left <= shape(x)[px.dim]:
+                    for c in cuts) and 2 * left < shape(x)[px.dim]:
                 for u in node.users:  # pad(x, (s, 0))[:, :-s]: pad, then cut
                     yield Match(self.kind, self.name, u, bindings={"x": x}, nodes={node, u},
                                 info={"shift": left, "dim": px.dim,
@@ -568,6 +569,21 @@ class SequenceRoll(Pattern):
                 continue
             n = sx[px.dim]
             T = n * max(ctx.world_size, 1)
+            mode = getattr(ctx.options, "length_constants", "error")
+            if (shifts % n == 0 or 2 * abs(shifts) == n) and mode != "ignore":
+                # torch.roll(x, T) / roll(x, T // 2) with T = x.shape[1]: Dynamo folded the
+                # LOCAL length into the number; a literal of that size is a coincidence
+                msg = (f"spcompile: torch.roll by {shifts} at {source_line(node) or node.name} "
+                       f"along the sharded sequence: {shifts} is a multiple or half of this "
+                       f"rank's local length {n}, so it probably came from x.shape (the local "
+                       f"length), and the roll of the global sequence would be by another "
+                       f"amount. Roll by a number that does not come from the length, or pass "
+                       f"options={{'length_constants': 'ignore'}} if it is a literal.")
+                if mode == "error":
+                    from ..fallback import SequenceParallelError
+                    raise SequenceParallelError(msg)
+                import warnings
+                warnings.warn(msg)
             s = shifts % T
             s = s if s < n else s - T if T - s < n else None
             if s is None:
@@ -704,7 +720,7 @@ class ShapeOnlySlice(Pattern):
             # the first or last k tokens (their count does not depend on the shard length)
             fixed = (sl[0] in (None, 0) and isinstance(sl[1], int) and 0 <= sl[1] < n) or \
                 (isinstance(sl[0], int) and sl[0] < 0 and sl[1] is None)
-            if fixed and 0 <= k < n:
+            if fixed and 0 <= 2 * k < n:
                 yield Match(self.kind, self.name, node, bindings={"x": x},
                             info={"dim": px.dim, "length": k})
 
