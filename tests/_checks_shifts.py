@@ -36,12 +36,21 @@ def check_shifts(rank, P, rec):
     exact(rank, P, rec, "torch.roll(x, -5, 1)", lambda: Z.RollBy(-5), kinds={"halo"})
     exact(rank, P, rec, "pad + unfold windows, centred and causal", Z.CentredWindows,
           kinds={"halo"})
+    exact(rank, P, rec, "cat([x[:, :1], x[:, :-1]], -2) (edge padding)", Z.FirstTokenPad,
+          kinds={"halo"})
+    exact(rank, P, rec, "cat([full_like(ids[:, :1], bos), ids[:, :-1]]) ids", Z.BosIds,
+          _ids(2, 32), kinds={"halo", "shape"})
 
 
 def check_long_roll(rank, P, rec):
     """A rotation longer than a shard (12 > T_local = 8 at P = 4): gathered."""
     _outcomes.gathered(rank, P, rec, "torch.roll(x, 12, 1) past the neighbour",
                        lambda: Z.RollBy(12), ops=("roll",), file=FILE)
+
+
+def check_shared_cut(rank, P, rec):
+    _outcomes.gathered(rank, P, rec, "a shift's cut also read elsewhere", Z.SharedCut,
+                       ops=("getitem",), file=FILE)
 
 
 def check_sequence_ops(rank, P, rec):

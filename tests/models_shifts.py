@@ -217,3 +217,44 @@ class RollByLength(nn.Module):
     def forward(self, x):
         x = self.l(x)
         return torch.roll(x, x.shape[1] // 2, 1)
+
+
+class FirstTokenPad(nn.Module):
+    """Edge padding: ``cat([x[:, :1], x[:, :-1]], dim=-2)`` (rank 0 repeats the sequence's
+    first token, the others take their neighbour's last)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        return x * torch.cat([x[:, :1], x[:, :-1]], dim=-2)
+
+
+class BosIds(nn.Module):
+    """Token ids shifted right with a start id, ``cat([full_like(ids[:, :1], bos), ids[:, :-1]])``,
+    then embedded."""
+
+    def __init__(self, d: int = 16, vocab: int = 11):
+        super().__init__()
+        self.e, self.l = nn.Embedding(vocab, d), nn.Linear(d, d)
+
+    def forward(self, ids):
+        prev = torch.cat([torch.full_like(ids[:, :1], 5), ids[:, :-1]], 1)
+        return self.l(self.e(ids) + self.e(prev))
+
+
+class SharedCut(nn.Module):
+    """The cut ``c = x[:, :-1]`` of a shift also summed over the tokens: ``c`` is T - 1 long,
+    computed on the gathered sequence, and what reads it too (was silently wrong: the shift
+    claimed the cut and the sum was taken for a shard's)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.l(x)
+        c = x[:, :-1]
+        return torch.cat([torch.zeros_like(x[:, :1]), c], 1) + c.sum(1, keepdim=True)

@@ -6,7 +6,7 @@ from dist_harness import assert_rows, run_checks
 
 
 @pytest.mark.parametrize("world_size,checks", [
-    (2, ["check_shifts", "check_sequence_ops", "check_length_shifts"]),
+    (2, ["check_shifts", "check_sequence_ops", "check_length_shifts", "check_shared_cut"]),
     (4, ["check_shifts", "check_long_roll", "check_sequence_ops"])],
                          ids=["P2", "P4"])
 def test_shifts_sharded(world_size, checks):

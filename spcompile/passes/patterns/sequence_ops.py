@@ -331,6 +331,13 @@ def _sliced_end(node, pl):
     return None
 
 
+def _private(cut: fx.Node, user: fx.Node) -> set:
+    """``{cut}`` if ``user`` is its only use (the match then covers it), else nothing: a cut
+    used elsewhere too is still a slice the fallback computes, and what follows it there holds
+    global values (detect drops matches downstream of it)."""
+    return {cut} if set(cut.users) == {user} else set()
+
+
 def _covered(ctx: Ctx) -> set:
     """The nodes earlier families' matches cover (detection appends to ``ctx.matches``)."""
     return set().union(*(m.nodes for m in ctx.matches)) if ctx.matches else set()
@@ -423,7 +430,8 @@ class TokenShift(Pattern):
         lo, hi = pads[pos], pads[pos + 1]
         if not ((s > 0 and (lo, hi) == (s, 0)) or (s < 0 and (lo, hi) == (0, -s))):
             return None
-        return Match(self.kind, self.name, node, bindings={"x": x}, nodes={node, cut_node},
+        return Match(self.kind, self.name, node, bindings={"x": x},
+                     nodes={node} | _private(cut_node, node),
                      info={"shift": s, "dim": dim, "fill": 0 if value is None else value})
 
     def _find_cat(self, ctx: Ctx) -> Iterable[Found]:
@@ -449,7 +457,7 @@ class TokenShift(Pattern):
                                       "slice is not replicated or not as long as the shift")
                     break
                 yield Match(self.kind, self.name, node, bindings={"x": x, "fill": fill},
-                            nodes={node, pieces[i_cut]},
+                            nodes={node} | _private(pieces[i_cut], node),
                             info={"shift": s, "dim": dim, "fill": "block"})
                 break
 
@@ -623,7 +631,12 @@ class SequenceFlip(Pattern):
     kind = "halo"
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        # an associative scan's reverse=True is spelled with flips around it: that family
+        # takes them (they feed its leaves or read its outputs)
+        scans = set().union(*(m.nodes for m in ctx.matches if m.pattern == "associative_scan"))
         for node, _ in _mixing(ctx, "flip", "fliplr", "flipud"):
+            if node in scans or node.args[0] in scans or any(u in scans for u in node.users):
+                continue
             x = node.args[0]
             px, sx = ctx.placements.get(x), shape(x)
             if not isinstance(px, Shard) or px.merged or px.order or sx is None:
@@ -651,11 +664,14 @@ def _global_softmax(x, dim: int, log: bool, dtype, group_name: str):
     not depend on it) and the global sum of exponentials, one all-reduce each."""
     if dtype is not None:
         x = x.to(dtype)
+    out_dtype = x.dtype
+    if x.dtype in (torch.float16, torch.bfloat16):  # as torch: accumulate in fp32
+        x = x.float()
     m = spops.allreduce(x.detach().amax(dim, keepdim=True), "max", group_name)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf: torch gives nan too
     z = x - m
     s = spops.allreduce(torch.exp(z).sum(dim, keepdim=True), "sum", group_name)
-    return z - torch.log(s) if log else torch.exp(z) / s
+    return (z - torch.log(s) if log else torch.exp(z) / s).to(out_dtype)
 
 
 class SequenceSoftmax(Pattern):
