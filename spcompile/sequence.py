@@ -29,9 +29,15 @@ def shard_sequence(x: Tensor, dim: int = 1, group: Any = None) -> Tensor:
     return collectives.shard_sequence(x, dim, name).contiguous()
 
 
-def gather_sequence(x: Tensor, dim: int = 1, group: Any = None) -> Tensor:
-    """The full sequence from every rank's shard (all-gather along ``dim``, rank order)."""
-    return collectives.gather_sequence(x, dim, resolve_group(group)[0], grad="slice")
+def gather_sequence(x: Tensor, dim: int = 1, group: Any = None, grad: str = "slice") -> Tensor:
+    """The full sequence from every rank's shard (all-gather along ``dim``, rank order).
+
+    ``grad="slice"`` (default): what follows is replicated (a loss every rank computes the same
+    way), so each rank takes its slice of the gradient. ``grad="reduce_scatter"``: what follows
+    is re-sharded (``shard_sequence(layer(gather_sequence(x, grad="reduce_scatter")))``, a
+    layer with no sequence-parallel form run on the whole sequence), so each rank holds part of
+    the gradient: summed over the ranks, then sliced."""
+    return collectives.gather_sequence(x, dim, resolve_group(group)[0], grad=grad)
 
 
 def sync_gradients(module: torch.nn.Module, group: Any = None) -> None:

@@ -63,3 +63,10 @@ def check_sequence_ops(rank, P, rec):
 def check_length_shifts(rank, P, rec):
     refused(rank, P, rec, "torch.roll(x, T // 2, 1) (T folded to the local length)",
             Z.RollByLength, text=("local length", "length_constants"))
+
+
+def check_whole_sequence(rank, P, rec):
+    refused(rank, P, rec, "gated delta rule loop", Z.GatedDeltaLoop, T=16,
+            text=("delta rule", "gather_sequence(x, grad='reduce_scatter')"))
+    exact(rank, P, rec, "gated delta rule on the whole sequence (gather, layer, shard)",
+          Z.GatedDeltaOnWholeSequence, T=16, reference=Z.GatedDeltaLoop)

@@ -258,3 +258,40 @@ class SharedCut(nn.Module):
         x = self.l(x)
         c = x[:, :-1]
         return torch.cat([torch.zeros_like(x[:, :1]), c], 1) + c.sum(1, keepdim=True)
+
+
+class GatedDeltaLoop(nn.Module):
+    """HF's ``torch_recurrent_gated_delta_rule`` (Qwen3-Next, Gated DeltaNet) as a loop over
+    tokens: the state is multiplied by ``I - beta k kᵀ`` (not a diagonal decay: refused, with a
+    message that says so and what to do)."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.qkv, self.gb, self.h = nn.Linear(d, 3 * d), nn.Linear(d, 2 * heads), heads
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        k = F.normalize(k, dim=-1)
+        g, beta = self.gb(x).chunk(2, -1)
+        g, beta = F.logsigmoid(g).transpose(1, 2), beta.sigmoid().transpose(1, 2)
+        out = torch.zeros_like(v)
+        S = torch.zeros(B, self.h, k.shape[-1], v.shape[-1])
+        for i in range(T):
+            S = S * g[:, :, i].exp()[..., None, None]
+            kv_mem = (S * k[:, :, i].unsqueeze(-1)).sum(-2)
+            delta = (v[:, :, i] - kv_mem) * beta[:, :, i].unsqueeze(-1)
+            S = S + k[:, :, i].unsqueeze(-1) * delta.unsqueeze(-2)
+            out[:, :, i] = (S * q[:, :, i].unsqueeze(-1)).sum(-2)
+        return out.transpose(1, 2).reshape(B, T, D)
+
+
+class GatedDeltaOnWholeSequence(GatedDeltaLoop):
+    """What the refusal suggests: the layer run on the whole sequence inside the model,
+    ``shard_sequence(layer(gather_sequence(x, grad="reduce_scatter")))`` (exact, no
+    fallback; the loop unrolls with the global length)."""
+
+    def forward(self, x):
+        import spcompile
+        full = spcompile.gather_sequence(x, dim=1, grad="reduce_scatter")
+        return spcompile.shard_sequence(super().forward(full), dim=1)

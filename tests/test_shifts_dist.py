@@ -6,7 +6,8 @@ from dist_harness import assert_rows, run_checks
 
 
 @pytest.mark.parametrize("world_size,checks", [
-    (2, ["check_shifts", "check_sequence_ops", "check_length_shifts", "check_shared_cut"]),
+    (2, ["check_shifts", "check_sequence_ops", "check_length_shifts", "check_shared_cut",
+         "check_whole_sequence"]),
     (4, ["check_shifts", "check_long_roll", "check_sequence_ops"])],
                          ids=["P2", "P4"])
 def test_shifts_sharded(world_size, checks):

@@ -632,14 +632,20 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
     chunks that Dynamo unrolled with the *local* count: gathering around each index would
     compute the first shard's chunks on every rank. Refuse it, loudly."""
     why = [f.reason for f in ctx.near_misses if f.pattern == "loop_recurrence"]
+    delta = (" A state that is multiplied by a matrix built from the tokens (the delta rule "
+             "of DeltaNet / Gated DeltaNet, S - beta k (k S)) has no sequence-parallel form in "
+             "spcompile yet." if why and "not affine in its state" in why[0] else "")
     why = (f" Not rewritten as a loop with a carried state: {why[0]}." if why else "")
 
     def refuse(what: str):
         raise SequenceParallelError(
             f"spcompile: {what}: a Python loop over tokens or chunks, unrolled with this rank's "
-            f"local count. spcompile cannot make it sequence parallel by gathering.{why} Write "
-            f"the layer in a supported form (masked quadratic, segsum, cumsum), or declare it "
-            f"with @spcompile.linear_attention / @spcompile.ssm_scan.")
+            f"local count. spcompile cannot make it sequence parallel by gathering.{why}{delta} "
+            f"Write the layer in a supported form (masked quadratic, segsum, cumsum), declare "
+            f"it with @spcompile.linear_attention / @spcompile.ssm_scan, or run it on the whole "
+            f"sequence inside the model: y = spcompile.shard_sequence(layer("
+            f"spcompile.gather_sequence(x, grad='reduce_scatter'))) (exact; it moves the whole "
+            f"sequence).")
 
     for node, reason in ctx.mixing.items():
         # ``for h_t in h.unbind(1)`` / ``h.split(C, 1)``: gathered, the pieces would be the

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import arg, canonical_name, shape, val
+from .graph_utils import ancestors as _ancestors, arg, canonical_name, shape, val
 from .pipeline import Ctx, register_pass
 
 
@@ -182,6 +182,7 @@ class Analyzer:
         self.conflicts: Dict[fx.Node, str] = {}
         self.perms: Dict[str, Any] = {}  # sort key → dispatch.Permutation (see dispatch)
         self.count_uses: Dict[fx.Node, List[fx.Node]] = {}  # ops using GroupCounts as values
+        self.user_gathered: set = set()  # spcompile.gather_sequence calls in the model
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -426,6 +427,12 @@ class Analyzer:
             return self.get(node.args[0])
         ins = node.all_input_nodes
         ps = [self.get(a) for a in ins]
+        if name in _USER_GATHERS:
+            return self.user_gather(node)
+        if name == "narrow" and ps and isinstance(ps[0], Replicate):
+            p = self.user_shard(node)
+            if p is not None:
+                return p
         if all(isinstance(p, Replicate) for p in ps):
             return R
         if any(isinstance(p, Mixing) for p in ps):
@@ -1082,6 +1089,36 @@ class Analyzer:
             return p
         return Mixing("roll along the sequence axis", p.dim)
 
+    def user_gather(self, node: fx.Node) -> Placement:
+        """``spcompile.gather_sequence(x, dim)`` in the model: the whole sequence, the same on
+        every rank (what follows runs on it as written)."""
+        x, d = node.args[0], node.args[1]
+        p = self.get(x)
+        if isinstance(p, Shard) and not p.merged and isinstance(d, int) and \
+                p.dim == d % max(_nd(x), 1):
+            self.user_gathered.add(node)
+            return R
+        if isinstance(p, Replicate):  # not sequence data: an all-gather of copies
+            return R
+        return Mixing(f"gather_sequence along dim {d} of a {p} value")
+
+    def user_shard(self, node: fx.Node) -> Optional[Placement]:
+        """``spcompile.shard_sequence(y, dim)`` in the model (traced as ``y.narrow(dim, r·n, n)``
+        on this rank) of a value computed from a ``gather_sequence``: this rank's shard again."""
+        x = node.args[0]
+        d, start, length = (list(node.args[1:4]) + [None] * 3)[:3]
+        sx = shape(x)
+        P, r = self.ctx.world_size, self.ctx.rank
+        if sx is None or not all(isinstance(v, int) for v in (d, start, length)) or \
+                not self.user_gathered:
+            return None
+        d = d % len(sx)
+        if sx[d] != P * length or start != r * length or length != self.ctx.seq_len:
+            return None
+        if not (_ancestors(x) & self.user_gathered) and x not in self.user_gathered:
+            return None
+        return Shard(d)
+
     def flip(self, node: fx.Node) -> Placement:
         x = node.args[0]
         p = self.get(x)
@@ -1248,6 +1285,7 @@ ONE_TOKEN_SLICE = "one-token slice of the sequence axis"
 ONE_CHUNK_INDEX = "index into a chunk axis holding one chunk per rank"
 # ops whose tensor arguments after the first only lend a dtype / device
 _LIKE_OTHER = {"to", "type_as"}
+_USER_GATHERS = {"spcompile::gather_sequence", "spcompile::gather_sequence_rs"}
 
 
 def _one_token(i: slice) -> bool:
