@@ -1122,12 +1122,9 @@ class Analyzer:
     def flip(self, node: fx.Node) -> Placement:
         x = node.args[0]
         p = self.get(x)
-        name = canonical_name(node)
-        dims = {"fliplr": [1], "flipud": [0]}.get(name) or arg(node, 1, "dims")
-        dims = [dims] if isinstance(dims, int) else list(dims or ())
         if not isinstance(p, Shard):
             return p if isinstance(p, Replicate) else Mixing(f"flip of a {p} value")
-        if p.dim not in {_norm(d, _nd(x)) for d in dims if isinstance(d, int)}:
+        if p.dim not in flip_dims(node):
             return p
         return Mixing("flip along the sequence axis", p.dim)
 
@@ -1284,6 +1281,14 @@ def _is_pointwise(name: str) -> bool:
 ONE_TOKEN_SLICE = "one-token slice of the sequence axis"
 ONE_CHUNK_INDEX = "index into a chunk axis holding one chunk per rank"
 # ops whose tensor arguments after the first only lend a dtype / device
+def flip_dims(node: fx.Node) -> List[int]:
+    """The dims (non-negative, sorted) a ``flip`` / ``fliplr`` / ``flipud`` node reverses."""
+    dims = {"fliplr": [1], "flipud": [0]}.get(canonical_name(node)) or arg(node, 1, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
+    nd = _nd(node.args[0])
+    return sorted({_norm(d, nd) for d in dims if isinstance(d, int)})
+
+
 _LIKE_OTHER = {"to", "type_as"}
 _USER_GATHERS = {"spcompile::gather_sequence", "spcompile::gather_sequence_rs"}
 

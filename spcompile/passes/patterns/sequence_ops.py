@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from ... import ops as spops
 from ..graph_utils import arg, canonical_name, evaluate, mutates, set_meta, shape, val
 from ..pipeline import Ctx, source_line
-from ..sequence_axis import ONE_TOKEN_SLICE, Pair, Replicate, Shard, positions_form
+from ..sequence_axis import (ONE_TOKEN_SLICE, Pair, Replicate, Shard, flip_dims,
+                             positions_form)
 from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import user_inputs_reached
 
@@ -51,6 +52,17 @@ def _mixing(ctx: Ctx, *names: str):
 def _finish(ctx: Ctx, anchor: fx.Node, new: fx.Node, placement) -> None:
     new.meta["spcompile_placement"] = placement
     anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+def _replace_call(gm, ctx: Ctx, m: Match, fn, args, placement) -> None:
+    """The common rewrite: ``fn(*args)`` before the anchor (with the match's provenance), the
+    anchor's uses redirected to it; nothing at P = 1."""
+    if ctx.world_size == 1:
+        return
+    g = gm.graph
+    with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+        out = _call(g, fn, args)
+    _finish(ctx, m.anchor, out, placement)
 
 
 # ------------------------------------------------------------------ softmax attention
@@ -177,13 +189,6 @@ def _causal_conv1d(x, w, b, width: int, stride, dilation, groups: int, group_nam
         F.conv1d(torch.cat([halo, x], dim=-1), w, b, stride, 0, dilation, groups))
 
 
-def _shift(x, s: int, dim: int, group_name: str):
-    """x shifted by ``s`` along ``dim`` with the previous rank's last ``s`` tokens in front."""
-    halo = _halo(x, s, dim, group_name) if group_name else x.new_zeros(
-        *x.shape[:dim], s, *x.shape[dim + 1:])
-    return torch.ops.spcompile.layout_barrier(
-        torch.cat([halo, x.narrow(dim, 0, x.shape[dim] - s)], dim=dim))
-
 
 def _conv_params(node: fx.Node):
     stride = arg(node, 3, "stride", 1)
@@ -263,34 +268,39 @@ class CausalConv1d(Pattern):
         _finish(ctx, m.anchor, out, Shard(len(shape(out)) - 1))
 
 
-def _shift_next(x, s: int, dim: int, fill, group_name: str):
-    """x shifted left by ``s`` along ``dim``: its tokens after the first ``s``, then the next
-    rank's first ``s`` (``fill`` on the last rank, as ``pad(x, (0, s), value=fill)[..., s:]``
-    gives at the end of the sequence)."""
-    from ...collectives import group_rank, group_size, halo_from_next
-    halo = halo_from_next(x, s, dim=dim, group=group_name or None)
-    # a where, not a branch: the halo is used on every rank, so its backward (a neighbour
-    # exchange) runs on every rank too
-    last = not group_name or group_rank(group_name) == group_size(group_name) - 1
+def _end_halo(x, s: int, dim: int, fill, group_name: str, from_next: bool):
+    """The ``s`` tokens along ``dim`` a neighbour holds: the previous rank's last ones, or with
+    ``from_next`` the next rank's first ones; ``fill`` (a number, or a block the user
+    concatenated) beyond the end of the sequence, on rank 0 / the last rank. A where, not a
+    branch: the halo is used on every rank, so its backward (a neighbour exchange) runs on
+    every rank too."""
+    from ...collectives import group_rank, group_size, halo_exchange, halo_from_next
+    exchange = halo_from_next if from_next else halo_exchange
+    halo = exchange(x, s, dim=dim, group=group_name or None)  # zeros at the chain's end
+    if not isinstance(fill, torch.Tensor) and fill in (None, 0, 0.0, False):
+        return halo
+    end = group_size(group_name) - 1 if from_next else 0
+    at_end = not group_name or group_rank(group_name) == end
     fill = fill if isinstance(fill, torch.Tensor) else torch.full_like(halo, fill)
-    halo = torch.where(torch.tensor(last, device=x.device), fill, halo)
-    return torch.ops.spcompile.layout_barrier(
-        torch.cat([x.narrow(dim, s, x.shape[dim] - s), halo], dim=dim))
+    return torch.where(torch.tensor(at_end, device=x.device), fill, halo)
 
 
 def _shift_prev(x, s: int, dim: int, fill, group_name: str):
     """x shifted right by ``s`` along ``dim``: the previous rank's last ``s`` tokens, then its
-    own but the last ``s``; on rank 0 ``fill`` in front (a number, or the block the user
-    concatenated: ``cat([bos, x[:, :-1]])``)."""
-    from ...collectives import group_rank
-    halo = _halo(x, s, dim, group_name) if group_name else x.new_zeros(
-        *x.shape[:dim], s, *x.shape[dim + 1:])
-    if isinstance(fill, torch.Tensor) or fill not in (None, 0, 0.0, False):
-        first = not group_name or group_rank(group_name) == 0
-        fill = fill if isinstance(fill, torch.Tensor) else torch.full_like(halo, fill)
-        halo = torch.where(torch.tensor(first, device=x.device), fill, halo)
-    return torch.ops.spcompile.layout_barrier(
-        torch.cat([halo, x.narrow(dim, 0, x.shape[dim] - s)], dim=dim))
+    own but the last ``s``; on rank 0 ``fill`` in front (``F.pad(x, (s, -s))``: zeros;
+    ``cat([bos, x[:, :-1]])``: the block)."""
+    return torch.ops.spcompile.layout_barrier(torch.cat(
+        [_end_halo(x, s, dim, fill, group_name, False), x.narrow(dim, 0, x.shape[dim] - s)],
+        dim=dim))
+
+
+def _shift_next(x, s: int, dim: int, fill, group_name: str):
+    """x shifted left by ``s`` along ``dim``: its tokens after the first ``s``, then the next
+    rank's first ``s`` (``fill`` on the last rank, as ``pad(x, (0, s), value=fill)[..., s:]``
+    gives at the end of the sequence)."""
+    return torch.ops.spcompile.layout_barrier(torch.cat(
+        [x.narrow(dim, s, x.shape[dim] - s), _end_halo(x, s, dim, fill, group_name, True)],
+        dim=dim))
 
 
 def _roll(x, s: int, dim: int, group_name: str):
@@ -462,40 +472,23 @@ class TokenShift(Pattern):
                 break
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
-        if ctx.world_size == 1:
-            return
-        g = gm.graph
         fill = m.info.get("fill", 0)
         fill = m.bindings["fill"] if fill == "block" else fill
-        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            if m.info["shift"] < 0:
-                out = _call(g, _shift_next, (m.bindings["x"], -m.info["shift"], m.info["dim"],
-                                             fill, ctx.group_name))
-            elif fill in (None, 0, 0.0):
-                out = _call(g, _shift, (m.bindings["x"], m.info["shift"], m.info["dim"],
-                                        ctx.group_name))
-            else:
-                out = _call(g, _shift_prev, (m.bindings["x"], m.info["shift"], m.info["dim"],
-                                             fill, ctx.group_name))
-        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+        shift = m.info["shift"]
+        _replace_call(gm, ctx, m, _shift_next if shift < 0 else _shift_prev,
+                      (m.bindings["x"], abs(shift), m.info["dim"], fill, ctx.group_name),
+                      Shard(m.info["dim"]))
 
 
 def _pad_halos(x, lo: int, hi: int, dim: int, fill, group_name: str):
     """``F.pad(x, (lo, hi), value=fill)`` along the sequence as windows over it see it: the
     previous rank's last ``lo`` tokens in front, the next rank's first ``hi`` after (``fill``
     beyond the ends of the sequence)."""
-    from ...collectives import group_rank, group_size, halo_from_next
     parts = [x]
     if lo:
-        halo = _halo(x, lo, dim, group_name)
-        first = group_rank(group_name) == 0
-        parts.insert(0, torch.where(torch.tensor(first, device=x.device),
-                                    torch.full_like(halo, fill), halo))
+        parts.insert(0, _end_halo(x, lo, dim, fill, group_name, False))
     if hi:
-        halo = halo_from_next(x, hi, dim=dim, group=group_name)
-        last = group_rank(group_name) == group_size(group_name) - 1
-        parts.append(torch.where(torch.tensor(last, device=x.device),
-                                 torch.full_like(halo, fill), halo))
+        parts.append(_end_halo(x, hi, dim, fill, group_name, True))
     return torch.ops.spcompile.layout_barrier(torch.cat(parts, dim=dim))
 
 
@@ -602,16 +595,11 @@ class SequenceRoll(Pattern):
                         info={"shift": s, "dim": px.dim})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
-        if ctx.world_size == 1:
+        if not m.info["shift"]:  # a whole turn (length_constants='ignore'): the identity
+            m.anchor.replace_all_uses_with(m.bindings["x"])
             return
-        g = gm.graph
-        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, _roll, (m.bindings["x"], m.info["shift"], m.info["dim"],
-                                   ctx.group_name)) if m.info["shift"] else m.bindings["x"]
-        if out is m.bindings["x"]:
-            m.anchor.replace_all_uses_with(out)
-            return
-        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+        _replace_call(gm, ctx, m, _roll, (m.bindings["x"], m.info["shift"], m.info["dim"],
+                                          ctx.group_name), Shard(m.info["dim"]))
 
 
 def _flip(x, dims, dim: int, group_name: str):
@@ -642,21 +630,12 @@ class SequenceFlip(Pattern):
             if not isinstance(px, Shard) or px.merged or px.order or sx is None:
                 yield FailedMatch(self.name, node, "flip of a value not sharded plainly")
                 continue
-            name = canonical_name(node)
-            dims = {"fliplr": [1], "flipud": [0]}.get(name) or arg(node, 1, "dims")
-            dims = [dims] if isinstance(dims, int) else list(dims)
-            dims = sorted({d % len(sx) for d in dims})
             yield Match(self.kind, self.name, node, bindings={"x": x},
-                        info={"dims": dims, "dim": px.dim})
+                        info={"dims": flip_dims(node), "dim": px.dim})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
-        if ctx.world_size == 1:
-            return
-        g = gm.graph
-        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, _flip, (m.bindings["x"], m.info["dims"], m.info["dim"],
-                                   ctx.group_name))
-        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+        _replace_call(gm, ctx, m, _flip, (m.bindings["x"], m.info["dims"], m.info["dim"],
+                                          ctx.group_name), Shard(m.info["dim"]))
 
 
 def _global_softmax(x, dim: int, log: bool, dtype, group_name: str):
@@ -693,13 +672,9 @@ class SequenceSoftmax(Pattern):
                               "dtype": arg(node, 2, "dtype", None)})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
-        if ctx.world_size == 1:
-            return
-        g = gm.graph
-        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, _global_softmax, (m.bindings["x"], m.info["dim"], m.info["log"],
-                                             m.info["dtype"], ctx.group_name))
-        _finish(ctx, m.anchor, out, Shard(m.info["dim"]))
+        _replace_call(gm, ctx, m, _global_softmax, (m.bindings["x"], m.info["dim"],
+                                                    m.info["log"], m.info["dtype"],
+                                                    ctx.group_name), Shard(m.info["dim"]))
 
 
 _SHAPE_ONLY_USERS = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
@@ -741,12 +716,8 @@ class ShapeOnlySlice(Pattern):
                             info={"dim": px.dim, "length": k})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
-        if ctx.world_size == 1:
-            return
-        g = gm.graph
-        with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, torch.narrow, (m.bindings["x"], m.info["dim"], 0, m.info["length"]))
-        _finish(ctx, m.anchor, out, Replicate())
+        _replace_call(gm, ctx, m, torch.narrow, (m.bindings["x"], m.info["dim"], 0,
+                                                 m.info["length"]), Replicate())
 
 
 def _diff_sp(x, dim: int, prepend, group_name: str):
@@ -754,12 +725,9 @@ def _diff_sp(x, dim: int, prepend, group_name: str):
     shard is the previous rank's last one, ``prepend`` (a global value) on the first rank."""
     if not group_name:
         return torch.diff(x, dim=dim, prepend=prepend)
-    from ...collectives import group_rank, halo_exchange
-    prev = halo_exchange(x, 1, dim=dim, group=group_name)
-    # both are used on every rank (a where, not a branch), so that each rank's graph keeps
-    # the same collectives and their backward runs everywhere
-    first = torch.tensor(group_rank(group_name) == 0, device=x.device)
-    prev = torch.where(first, prepend.expand_as(prev).to(x.dtype), prev)
+    shape_1 = list(x.shape)
+    shape_1[dim] = 1
+    prev = _end_halo(x, 1, dim, prepend.expand(shape_1).to(x.dtype), group_name, False)
     return torch.diff(x, dim=dim, prepend=prev)
 
 
@@ -1247,8 +1215,8 @@ class ShiftedLoss(Pattern):
         g = gm.graph
         a, b = m.anchor, m.bindings["b"]
         with g.inserting_before(a), ctx.provenance(gm, m, a):
-            out = _call(g, _shift, (m.bindings["logits"], m.info["shift"], m.info["dim"],
-                                    ctx.group_name))
+            out = _call(g, _shift_prev, (m.bindings["logits"], m.info["shift"], m.info["dim"],
+                                         0, ctx.group_name))
         _finish(ctx, a, out, Shard(m.info["dim"]))
         with g.inserting_before(b), ctx.provenance(gm, m, b):
             lab = _call(g, _ignore_head, (m.bindings["labels"], m.info["shift"],
