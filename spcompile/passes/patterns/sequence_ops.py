@@ -279,8 +279,8 @@ def _end_halo(x, s: int, dim: int, fill, group_name: str, from_next: bool):
     halo = exchange(x, s, dim=dim, group=group_name or None)  # zeros at the chain's end
     if not isinstance(fill, torch.Tensor) and fill in (None, 0, 0.0, False):
         return halo
-    end = group_size(group_name) - 1 if from_next else 0
-    at_end = not group_name or group_rank(group_name) == end
+    at_end = not group_name or group_rank(group_name) == (
+        group_size(group_name) - 1 if from_next else 0)
     fill = fill if isinstance(fill, torch.Tensor) else torch.full_like(halo, fill)
     return torch.where(torch.tensor(at_end, device=x.device), fill, halo)
 
