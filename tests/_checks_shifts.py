@@ -63,6 +63,21 @@ def check_sequence_ops(rank, P, rec):
 def check_length_shifts(rank, P, rec):
     refused(rank, P, rec, "torch.roll(x, T // 2, 1) (T folded to the local length)",
             Z.RollByLength, text=("local length", "length_constants"))
+    refused(rank, P, rec, "(tril(ones(T, T)) / T) @ x (T folded to the local length)",
+            Z.RunningSumOverLength, text=("LOCAL length", "length_constants"))
+
+
+def check_constant_mix(rank, P, rec):
+    """Constant causal mixing matrices read by value (their global copy), as a scan."""
+    for name, model in [("tril(ones(T, T)) @ x (running sum)", Z.RunningSum),
+                        ("bag of words: tril / row sum, softmax of -inf-masked zeros",
+                         Z.BagOfWords),
+                        ("per-head EMA matrix gamma ** (i - j) from arange", Z.FixedEMA)]:
+        be = exact(rank, P, rec, name, model, kinds={"linear_scan"})
+        rec.true(f"{name}: matched as constant_causal_mix",
+                 any(m.pattern == "constant_causal_mix" for r in be.reports for m in r.matches))
+    exact(rank, P, rec, "x * ones(T, 1).cumsum(0): this rank's block of the global constant",
+          Z.LocalScaledConstant, kinds={"cumsum"})
 
 
 def check_whole_sequence(rank, P, rec):

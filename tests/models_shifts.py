@@ -295,3 +295,71 @@ class GatedDeltaOnWholeSequence(GatedDeltaLoop):
         import spcompile
         full = spcompile.gather_sequence(x, dim=1, grad="reduce_scatter")
         return spcompile.shard_sequence(super().forward(full), dim=1)
+
+
+# ---------------------------------------------------------------- constant mixing matrices
+class RunningSum(nn.Module):
+    """``torch.tril(torch.ones(T, T)) @ x``: the running sum as a matrix product."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.p = nn.Linear(d, d)
+
+    def forward(self, x):
+        T = x.shape[1]
+        return torch.tril(torch.ones(T, T)) @ self.p(x)
+
+
+class BagOfWords(nn.Module):
+    """The "bag of words" running mean of GPT tutorials, both spellings: a row-normalised
+    ``tril`` (``wei / wei.sum(1, keepdim=True)``) and ``softmax`` of zeros with ``-inf``
+    above the diagonal."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.p = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        tril = torch.tril(torch.ones(T, T))
+        wei = tril / tril.sum(1, keepdim=True)
+        a = wei @ self.p(x)
+        wei2 = torch.zeros((T, T)).masked_fill(tril == 0, float("-inf"))
+        wei2 = F.softmax(wei2, dim=-1)
+        return a + wei2 @ x
+
+
+class FixedEMA(nn.Module):
+    """A per-head exponential moving average as a matrix, ``γ_h^(i-j)`` over ``j <= i``
+    built from ``arange`` (Mega-style EMA without the FFT), and one from a buffer."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.h = heads
+        self.register_buffer("gamma", torch.tensor([0.9, 0.5]))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        i = torch.arange(T)
+        dist = i[:, None] - i[None, :]
+        m = torch.where(dist >= 0, self.gamma[:, None, None] ** dist.clamp(min=0),
+                        torch.zeros(()))
+        y = m @ x.view(B, T, self.h, -1).transpose(1, 2)
+        return y.transpose(1, 2).reshape(B, T, D)
+
+
+class LocalScaledConstant(nn.Module):
+    """A constant made with the local length whose values vary along it, meeting the
+    sequence elementwise: ``x * torch.ones(T, 1).cumsum(0)`` (token i scaled by i + 1)."""
+
+    def forward(self, x):
+        T = x.shape[1]
+        return x * torch.ones(T, 1).cumsum(0) + x.cumsum(1) / torch.ones(T, 1).cumsum(0)
+
+
+class RunningSumOverLength(nn.Module):
+    """``(tril(ones(T, T)) / T) @ x``: the number T is folded to the local length."""
+
+    def forward(self, x):
+        T = x.shape[1]
+        return (torch.tril(torch.ones(T, T)) / T) @ x

@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 
 from .. import ops as spops
-from .graph_utils import (canonical_name, run_node_on_values, seq_span, set_meta, shape,
-                          tensor_val, tiles_axis, val)
+from .graph_utils import (canonical_name, eliminate_dead_code, evaluate, run_node_on_values,
+                          seq_span, set_meta, shape, tensor_val, tiles_axis, val)
 from .pipeline import Ctx, register_pass, source_line
 from .sequence_axis import ELEMENTWISE, Pair, Partial, Replicate, Shard, analyze
 
@@ -118,14 +118,36 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
                 # a rank only holds the diagonal block of a T×T value: recompute the value
                 # from the gathered sequence (global positions, global masks)
                 gathered[a] = rebuild(a)
-    node.args = fx.node.map_arg(node.args, lambda a: gathered.get(a, a))
-    node.kwargs = fx.node.map_arg(node.kwargs, lambda a: gathered.get(a, a))
-    _globalize_sizes(node, {gathered[a]: pl[a].dim for a in gathered
-                            if isinstance(pl[a], Shard)}, ctx)
+        # constants made with the local length (``tril(ones(T, T)) @ x``): the global
+        # program makes them with the global length (tried first; kept as they are if the
+        # op does not take them, a size that only equals the local length by chance)
+        memo: Dict[fx.Node, bool] = {}
+        consts = {}
+        for a in node.all_input_nodes:
+            if a not in gathered and _length_constant(a, ctx, memo):
+                try:
+                    g = rebuild(a)
+                except SequenceParallelError:
+                    continue
+                if g is not a:
+                    consts[a] = g
+    args0, kwargs0 = node.args, node.kwargs
     local_val = val(node)
-    try:
-        global_val = run_node_on_values(node)
-    except Exception as e:
+    global_val, err = None, None
+    for use in ([consts, {}] if consts else [{}]):
+        swap = {**gathered, **use}
+        node.args = fx.node.map_arg(args0, lambda a: swap.get(a, a))
+        node.kwargs = fx.node.map_arg(kwargs0, lambda a: swap.get(a, a))
+        _globalize_sizes(node, {gathered[a]: pl[a].dim for a in gathered
+                                if isinstance(pl[a], Shard)}, ctx)
+        try:
+            global_val = run_node_on_values(node)
+            err = None
+            break
+        except Exception as e:  # noqa: BLE001 - reported below
+            err = e
+    if err is not None:
+        e = err
         raise SequenceParallelError(
             f"spcompile: {where} mixes tokens along the sequence ({reason}); gathering the "
             f"sequence around it failed ({type(e).__name__}: {e}). It probably uses sizes of the "
@@ -288,6 +310,149 @@ class _GlobalRebuild:
         c.meta["spcompile_placement"] = Replicate()
         self.memo[n] = c
         return c
+
+
+_RANDOM = {"rand", "randn", "randint", "empty", "rand_like", "randn_like", "empty_like"}
+
+
+def _length_sized(n: fx.Node, T: int) -> bool:
+    """``ones(T, 1)``, ``full((T, T), v)``, ``eye(T)``, ``buffer[:T]``: a replicated value
+    made with the local length (sizes read from the sequence are the local ones in the graph)."""
+    name = canonical_name(n)
+    if name in _SIZED_CREATION:
+        args = list(n.args) + list(n.kwargs.values())
+        flat = [v for a in args for v in (a if isinstance(a, (list, tuple)) else (a,))]
+        return any(isinstance(v, int) and not isinstance(v, bool) and v == T for v in flat)
+    if name == "getitem" and n.args and isinstance(n.args[0], fx.Node) and \
+            n.args[0].op in ("placeholder", "get_attr"):
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        return any(isinstance(i, slice) and i.stop == T for i in idx)
+    return False
+
+
+def _length_constant(c: fx.Node, ctx: Ctx, memo: Dict[fx.Node, bool]) -> bool:
+    """A replicated value computed only from constants, with a size of the local length among
+    its makers (and nothing random): the global program would compute it with the global
+    length, so its values along that axis may differ from this rank's block of it."""
+    if c in memo:
+        return memo[c]
+    memo[c] = False
+    pl = ctx.placements
+    if not isinstance(pl.get(c), Replicate) or c.op != "call_function" or \
+            canonical_name(c) in _RANDOM:
+        return False
+    from .sequence_axis import _is_param_or_buffer
+    ins = c.all_input_nodes
+    if any(a.op == "placeholder" and not _is_param_or_buffer(a) for a in ins):
+        return False
+    ok = _length_sized(c, ctx.seq_len) or any(_length_constant(a, ctx, memo) for a in ins)
+    ok = ok and all(_length_constant(a, ctx, memo) or a.op in ("placeholder", "get_attr") or
+                    not a.all_input_nodes for a in ins)
+    memo[c] = ok
+    if ok:
+        _length_number_in_constant(c, ctx)
+    return ok
+
+
+def _length_number_in_constant(node: fx.Node, ctx: Ctx) -> None:
+    """``torch.tril(torch.ones(T, T)) / T``: the number is the LOCAL length folded into the
+    graph, and the global program divides by the global one; spcompile sees only the number,
+    so such a constant cannot be rebuilt for the global length. An error (option
+    ``length_constants``: ``warn`` / ``ignore`` take the number literally)."""
+    mode = getattr(ctx.options, "length_constants", "error")
+    T = ctx.seq_len
+    if mode == "ignore" or canonical_name(node) not in _ARITH or not T or T < 2:
+        return
+    suspects = {float(T): "T", float(2 * T): "2·T", 1.0 / T: "1/T", 1.0 / (2 * T): "1/(2·T)"}
+    for c in list(node.args) + list(node.kwargs.values()):
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            continue
+        hit = next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
+        if hit is None:
+            continue
+        msg = (f"spcompile: the constant {c} in {canonical_name(node)} at "
+               f"{source_line(node) or node.name} equals {hit} for this rank's local length "
+               f"T = {T}, in a constant built from the sequence length (a mask or weights "
+               f"made with torch.ones(T, ...) / torch.tril ...). If the number was computed "
+               f"from the sequence length, it is the LOCAL length here and the sharded result "
+               f"would be wrong: spcompile only sees the folded number. Compute it from a "
+               f"tensor (e.g. m.sum(-1, keepdim=True) of the mask itself), or pass "
+               f"options={{'length_constants': 'ignore'}} if it does not come from the length.")
+        if mode == "error":
+            raise SequenceParallelError(msg)
+        warnings.warn(msg, stacklevel=2)
+
+
+def _aligned_dims(c: fx.Node, u: fx.Node, p, T: int) -> list:
+    """The dims of ``c`` that line up (right-aligned broadcasting) with the sequence axes of
+    ``u``'s value, where ``c`` has the local length."""
+    sc, su = shape(c), shape(u)
+    if sc is None or su is None or len(sc) > len(su):
+        return []
+    axes = [p.d0, p.d1] if isinstance(p, Pair) else [p.dim]
+    off = len(su) - len(sc)
+    return [a - off for a in axes if 0 <= a - off < len(sc) and sc[a - off] == T]
+
+
+# ops whose operands line up by broadcasting (a constant's axis meets the sequence axis)
+_ALIGNING = ELEMENTWISE | {"where", "masked_fill", "lerp", "addcmul", "addcdiv"}
+
+
+def _rank_block(x, dims, start: int, length: int):
+    for d in dims:
+        x = x.narrow(d, start, length)
+    return x
+
+
+def _globalize_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
+    """A constant made with the local length whose values vary along that length
+    (``torch.ones(T, 1).cumsum(0)``, a position-dependent mask built from ``ones(T, T)``)
+    and that meets a sharded value along its sequence axis (``x * c``) is this rank's block of
+    the constant the global program computes, not the constant computed locally: it is rebuilt
+    with the global length and cut to this rank's block (its diagonal block for a ``T×T``
+    value). Constants whose block equals the local value (``ones``, ``tril(ones)``, a
+    Toeplitz decay) are left alone; ops that mix tokens get the global constant whole in
+    ``_gather_around``."""
+    T, P, pl = ctx.seq_len, ctx.world_size, ctx.placements
+    if not T or P == 1:
+        return
+    memo: Dict[fx.Node, bool] = {}
+    made = False
+    for u in list(gm.graph.nodes):
+        pu = pl.get(u)
+        if u.op != "call_function" or u in ctx.mixing or not isinstance(pu, (Shard, Pair)) or \
+                getattr(pu, "merged", False) or canonical_name(u) not in _ALIGNING:
+            continue
+        for c in list(dict.fromkeys(u.all_input_nodes)):
+            if not _length_constant(c, ctx, memo):
+                continue
+            dims = _aligned_dims(c, u, pu, T)
+            if not dims:
+                continue
+            where = f"{canonical_name(u)} at {source_line(u) or u.name}"
+            with gm.graph.inserting_before(u), ctx.provenance(gm, None, u):
+                try:
+                    glob = _GlobalRebuild(gm, ctx, where, "a constant of the local length")(c)
+                except SequenceParallelError:
+                    continue
+                if glob is c:
+                    continue
+                made = True
+                blk = gm.graph.call_function(_rank_block, (glob, tuple(dims), ctx.rank * T, T))
+                set_meta(blk)
+            try:
+                got, local = evaluate(gm, [blk, c], ctx.example_inputs, {})
+                same = isinstance(got, torch.Tensor) and isinstance(local, torch.Tensor) and \
+                    got.shape == local.shape and torch.equal(got, local)
+            except Exception:  # noqa: BLE001 - values unknown: keep the global block
+                same = False
+            if same:
+                gm.graph.erase_node(blk)
+                continue
+            blk.meta["spcompile_placement"] = Replicate()
+            u.replace_input_with(c, blk)
+    if made:
+        eliminate_dead_code(gm)
 
 
 def _globalize_sizes(node: fx.Node, gdims: Dict[fx.Node, int], ctx: Ctx) -> set:
@@ -741,6 +906,7 @@ def fallback(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     _check_length_constants(gm, ctx)
     _refuse_loops_over_the_sequence(ctx)  # first: it can say why the loop was not taken
     _refuse_local_length_writes(gm, ctx)
+    _globalize_length_constants(gm, ctx)
     before = _output_shapes(gm)
     local_shapes = {n: tuple(tensor_val(n).shape) for n in gm.graph.nodes
                     if tensor_val(n) is not None}

@@ -1,6 +1,7 @@
 """Pattern families, in the order detection tries them."""
 from .base import FailedMatch, Found, Match, Pattern
 from .linear_attention import MaskedLinearAttention
+from .constant_mix import ConstantCausalMix
 from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, FixedPositionWrite, LeadingRowScan,
@@ -14,7 +15,7 @@ def all_patterns():
     return [cls() for cls in REGISTRY]
 
 
-REGISTRY = [MaskedLinearAttention, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
+REGISTRY = [MaskedLinearAttention, ConstantCausalMix, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
             SequenceRoll, SequenceFlip, ShapeOnlySlice, PaddedWindows, SequenceDiff, Positions,
             SequenceReduction, ShiftedLoss, CrossEntropy, SequenceIndex, SequenceSoftmax,
             CumsumLinearAttention, LeadingRowScan, SequenceScan, FixedPositionWrite]
