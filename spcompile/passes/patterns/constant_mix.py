@@ -62,7 +62,7 @@ def _mix(x, r, log_gamma, batch, out_shape, chunk_size: int, strategy: str, grou
          blocks):
     """``C @ x`` for ``C[i, j] = r_i γ^(i-j) [j <= i]``: a scan with unit q and k."""
     from .linear_attention import _flat_heads
-    T, D = x.shape[-2], x.shape[-1]
+    T = x.shape[-2]
     v = _flat_heads(x, batch)  # [1, T, N, D]
     N = v.shape[2]
     ones = v.new_ones(1, T, N, 1)
