@@ -40,6 +40,10 @@ def check_shifts(rank, P, rec):
           kinds={"halo"})
     exact(rank, P, rec, "cat([full_like(ids[:, :1], bos), ids[:, :-1]]) ids", Z.BosIds,
           _ids(2, 32), kinds={"halo", "shape"})
+    exact(rank, P, rec, "BART shift_tokens_right into new_zeros", Z.BartShiftTokens,
+          _ids(2, 32), kinds={"halo", "positions"})
+    exact(rank, P, rec, "shifts written into zeros_like / empty_like / time-major buffers",
+          Z.BufferShifts, kinds={"halo"})
 
 
 def check_long_roll(rank, P, rec):

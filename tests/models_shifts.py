@@ -363,3 +363,42 @@ class RunningSumOverLength(nn.Module):
     def forward(self, x):
         T = x.shape[1]
         return (torch.tril(torch.ones(T, T)) / T) @ x
+
+
+# ---------------------------------------------------------------- shifts written into a buffer
+class BartShiftTokens(nn.Module):
+    """HF BART/mBART/Pegasus ``shift_tokens_right``: the ids written one place right into a
+    fresh ``new_zeros`` buffer, the start token at 0, ``-100`` replaced by the pad id."""
+
+    def __init__(self, vocab: int = 11, d: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+
+    def forward(self, ids):
+        shifted = ids.new_zeros(ids.shape)
+        shifted[:, 1:] = ids[:, :-1].clone()
+        shifted[:, 0] = 2
+        shifted.masked_fill_(shifted == -100, 1)
+        return self.emb(shifted) + self.emb(ids)
+
+
+class BufferShifts(nn.Module):
+    """Token shifts written into fresh buffers: ``xx = zeros_like(x); xx[:, 1:] = x[:, :-1]``,
+    a left shift into ``empty_like`` with its tail set, and a time-major ``y[1:] = x[:-1]``
+    into a float64 buffer."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.p = nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.p(x)
+        xx = torch.zeros_like(x)
+        xx[:, 1:] = x[:, :-1]
+        nxt = torch.empty_like(x)
+        nxt[:, :-2] = x[:, 2:]
+        nxt[:, -2:] = 0.5
+        tm = x.transpose(0, 1)
+        y = torch.zeros(tm.shape, dtype=torch.float64)
+        y[1:] = tm[:-1]
+        return xx + nxt * x + y.float().transpose(0, 1)

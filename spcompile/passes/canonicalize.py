@@ -261,6 +261,108 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
         _replace(gm, node, new)
 
 
+_FRESH = {"zeros_like": 0.0, "new_zeros": 0.0, "zeros": 0.0, "ones_like": 1.0,
+          "new_ones": 1.0, "ones": 1.0, "empty_like": 0.0, "new_empty": 0.0, "empty": 0.0,
+          "full_like": None, "new_full": None, "full": None}
+
+
+def _fill_value(buf: fx.Node):
+    """The value a fresh buffer is filled with (``zeros_like`` 0, ``full(size, v)`` v; the
+    unwritten part of an ``empty`` buffer is unspecified: 0), or None if unknown."""
+    name = canonical_name(buf)
+    v = _FRESH.get(name, "no")
+    if v == "no":
+        return None
+    if v is None:
+        v = buf.kwargs.get("fill_value", buf.args[1] if len(buf.args) > 1 else None)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _one_slice_index(idx, nd: int):
+    """``(dim, start, stop)`` when ``idx`` is full slices except one ``a:b`` (step 1) slice,
+    else None (``buf[:, 1:]``, ``buf[..., :-1, :]``)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if sum(1 for i in idx if i is Ellipsis) > 1 or any(i is None for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not Ellipsis)
+    out, cur = None, 0
+    for i in idx:
+        if i is Ellipsis:
+            cur += nd - n_real
+            continue
+        if not isinstance(i, slice) or i.step not in (None, 1):
+            return None
+        if (i.start, i.stop) != (None, None):
+            if out is not None or not all(v is None or (isinstance(v, int) and
+                                                        not isinstance(v, bool))
+                                          for v in (i.start, i.stop)):
+                return None
+            out = (cur, i.start, i.stop)
+        cur += 1
+    return out
+
+
+def _fresh_buffer_slice_writes(gm: fx.GraphModule) -> None:
+    """``y = torch.zeros_like(x); y[:, 1:] = x[:, :-1]`` (BART's ``shift_tokens_right``,
+    a token shift into a fresh buffer) → ``y2 = cat([fill, x[:, :-1]], 1)``, later uses of
+    ``y`` read ``y2``: the same values, and the concatenation the shift families know. Only
+    one slice write per buffer (a loop writing slices keeps its writes), only where nothing
+    aliases the buffer, and only for a value of exactly the written region's shape."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    batched = inside_vmap(gm)
+    for node in list(gm.graph.nodes):
+        if node in batched or node.op != "call_function" or node.target is not operator.setitem:
+            continue
+        buf, idx, v = node.args
+        if not isinstance(buf, fx.Node) or not isinstance(v, fx.Node):
+            continue
+        fill = _fill_value(buf)
+        bv, vv = tensor_val(buf), tensor_val(v)
+        if fill is None or bv is None or vv is None or \
+                any(canonical_name(u) in _VIEW_OPS for u in buf.users):
+            continue
+        writes = [u for u in buf.users if u.op == "call_function" and
+                  u.target is operator.setitem and u.args[0] is buf and
+                  isinstance(u.args[2], fx.Node) and
+                  _one_slice_index(u.args[1], bv.dim()) is not None]
+        if writes != [node]:
+            continue
+        dim, a, b = _one_slice_index(idx, bv.dim())
+        n = bv.shape[dim]
+        a, b, _ = slice(a, b).indices(n)
+        want = list(bv.shape)
+        want[dim] = max(b - a, 0)
+        if b <= a or tuple(vv.shape) != tuple(want):
+            continue
+        src = v
+        if canonical_name(v) in ("clone", "contiguous", "detach") and len(v.users) == 1 and \
+                isinstance(v.args[0], fx.Node):
+            src = v.args[0]  # ids[:, :-1].clone(): the concatenation copies anyway
+        if torch.tensor(fill, dtype=torch.float64).to(vv.dtype).item() != fill:
+            continue  # the fill must survive the value's dtype (cast after the concatenation)
+        with gm.graph.inserting_before(node):
+            parts = []
+            for length in (a, None, n - b):
+                if length is None:
+                    parts.append(src)
+                elif length > 0:
+                    size = list(bv.shape)
+                    size[dim] = length
+                    parts.append(_new(gm, node, torch.full, (tuple(size), fill),
+                                      {"dtype": vv.dtype, "device": vv.device}))
+            new = _new(gm, node, torch.cat, (parts, dim))
+            if vv.dtype != bv.dtype:
+                new = _new(gm, node, "to", (new, bv.dtype), op="call_method")
+        later = [u for u in buf.users if u is not node and order.get(u, -1) > order[node]]
+        for u in later:
+            u.replace_input_with(buf, new)
+        gm.graph.erase_node(node)
+        if not buf.users:
+            gm.graph.erase_node(buf)
+        if src is not v and not v.users:
+            gm.graph.erase_node(v)
+
+
 def _signatures(target: Any) -> List[inspect.Signature]:
     """The Python signatures of a torch function (its overloads') or of a plain function."""
     from torch.fx.operator_schemas import get_signature_for_torch_op
@@ -517,6 +619,7 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Spellings → one vocabulary (matmul, permute, torch functions)."""
     from .inline_hops import inline_wrappers
     inline_wrappers(gm)  # activation-checkpointed / wrapped bodies → the flat graph
+    _fresh_buffer_slice_writes(gm)
     _functionalize_inplace(gm)
     _positional_kwargs(gm)
     batched = inside_vmap(gm)  # an inlined vmap's body (torch's associative_scan) stays as is
