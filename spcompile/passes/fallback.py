@@ -442,11 +442,12 @@ def _globalize_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
                 set_meta(blk)
             try:
                 got, local = evaluate(gm, [blk, c], ctx.example_inputs, {})
-                same = isinstance(got, torch.Tensor) and isinstance(local, torch.Tensor) and \
-                    got.shape == local.shape and torch.equal(got, local)
-            except Exception:  # noqa: BLE001 - values unknown: keep the global block
-                same = False
-            if same:
+            except Exception:  # noqa: BLE001 - values unknown: leave it
+                got = local = None
+            if not (isinstance(got, torch.Tensor) and isinstance(local, torch.Tensor)) or \
+                    got.shape != local.shape or torch.equal(got, local):
+                # the same block (nothing to do), or another local-length axis that is not
+                # the sequence's here (x[..., None].repeat(..., T) masked with tril(T, T))
                 gm.graph.erase_node(blk)
                 continue
             blk.meta["spcompile_placement"] = Replicate()
@@ -600,7 +601,7 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
         if canonical_name(node) not in _ARITH or not any(
                 a in derived for a in node.all_input_nodes):
             continue
-        for c in list(node.args) + list(node.kwargs.values()):
+        for c in [_literal(a) for a in list(node.args) + list(node.kwargs.values())]:
             if isinstance(c, bool) or not isinstance(c, (int, float)):
                 continue
             hit = next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
@@ -627,6 +628,21 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
             if mode == "error" and strong:
                 raise SequenceParallelError(msg)
             warnings.warn(msg, stacklevel=2)
+
+
+def _literal(a: Any) -> Any:
+    """A number, or the number a constant tensor is made of (``torch.tensor(float(T))``,
+    ``torch.full((), T)``, ``x.new_tensor(T)``): where a length folded into the graph hides."""
+    if not isinstance(a, fx.Node) or a.op != "call_function" and a.op != "call_method":
+        return a
+    name = canonical_name(a)
+    pos = {"tensor": 0, "as_tensor": 0, "scalar_tensor": 0, "full": 1, "full_like": 1,
+           "new_tensor": 1, "new_full": 2}.get(name)
+    if pos is None:
+        return None
+    key = "fill_value" if "full" in name else "data"
+    v = a.args[pos] if len(a.args) > pos else a.kwargs.get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _pair_dims(global_val: Any, local_val: Any, ctx: Ctx):

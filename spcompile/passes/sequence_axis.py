@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import ancestors as _ancestors, arg, canonical_name, shape, val
+from .graph_utils import ancestors as _ancestors, arg, canonical_name, shape, tensor_val, val
 from .pipeline import Ctx, register_pass
 
 
@@ -477,10 +477,11 @@ class Analyzer:
         fn = RULES.get(name)
         if fn is not None:
             return fn(self, node)
+        if name in REDUCTIONS and not _binary_max_min(node, name):
+            # before the pointwise test: ATen's max/min have a pointwise overload (max.other)
+            return self.reduction(node, name)
         if name in ELEMENTWISE or _is_pointwise(name):
             return self.elementwise(node)
-        if name in REDUCTIONS:
-            return self.reduction(node, name)
         return Mixing(f"no rule for {name} on a sharded value")
 
     # -------------------------------------------------------- rules
@@ -1253,6 +1254,14 @@ def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard,
 
 
 _POINTWISE_CACHE: Dict[str, bool] = {}
+
+
+def _binary_max_min(node: fx.Node, name: str) -> bool:
+    """``torch.max(a, b)`` / ``a.min(b)`` of two tensors: elementwise, not a reduction."""
+    if name not in ("max", "min"):
+        return False
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return isinstance(other, fx.Node) and isinstance(tensor_val(other), torch.Tensor)
 
 
 def _is_pointwise(name: str) -> bool:

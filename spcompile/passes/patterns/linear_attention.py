@@ -88,6 +88,36 @@ def user_inputs_reached(start: fx.Node, stops: Set[fx.Node]) -> List[str]:
     return sorted(found)
 
 
+_REPEAT_WALK = {"masked_fill", "where", "mul", "tril", "triu", "contiguous", "clone"}
+
+
+def _repeated_decay(g: fx.Node, pl) -> Optional[fx.Node]:
+    """``x[..., None].repeat(1, ..., T)`` (or ``expand``), perhaps masked, → ``x`` (``[..., T]``
+    sharded on its last dim)."""
+    cur = g
+    for _ in range(16):
+        name = canonical_name(cur)
+        if name in ("repeat", "expand"):
+            x = cur.args[0]
+            if canonical_name(x) in ("unsqueeze", "getitem", "view", "reshape"):
+                base = x.args[0]
+                sb, sc = shape(base), shape(cur)
+                pb = pl.get(base)
+                if isinstance(base, fx.Node) and sb is not None and len(sb) == len(sc) - 1 and \
+                        tuple(sb) == tuple(sc[:-1]) and isinstance(pb, Shard) and \
+                        pb.dim == len(sb) - 1:
+                    return base
+            return None
+        if name not in _REPEAT_WALK:
+            return None
+        shaped = [a for a in cur.all_input_nodes if shape(a) == shape(g) and
+                  isinstance(pl.get(a), Shard)]
+        if len(shaped) != 1:
+            return None
+        cur = shaped[0]
+    return None
+
+
 def _leads_to_scores(n: fx.Node, pl) -> bool:
     for _ in range(64):
         if canonical_name(n) == "matmul" and isinstance(pl.get(n), Pair):
@@ -160,6 +190,14 @@ class MaskedLinearAttention(Pattern):
             if pl.get(g).dim != gd % len(gsh):
                 return FailedMatch(self.name, anchor, "decay cumsum is not along the sequence")
             decay_node = (g, gd % len(gsh))
+            if len(gsh) >= 2 and gd % len(gsh) == len(gsh) - 2 and gsh[-1] == gsh[-2]:
+                # Mamba2 ssd_minimal's segsum: the cumsum runs over x[..., None].repeat(...,
+                # T) masked below the diagonal; the decay is x (the values check it)
+                src = _repeated_decay(g, pl)
+                if src is None:
+                    return FailedMatch(self.name, anchor, "a cumsum of a T×T value that is not "
+                                                          "a repeated decay")
+                decay_node = (src, len(shape(src)) - 1)
         data = user_inputs_reached(a, {s} | set(cumsums))
         if data:
             return FailedMatch(self.name, anchor, f"the mask depends on the input(s) {data} "

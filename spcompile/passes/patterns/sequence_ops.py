@@ -1384,6 +1384,28 @@ def _scan_dtype(node: fx.Node):
     return node.kwargs.get("dtype") if canonical_name(node) in ("cumsum", "cumprod") else None
 
 
+def _chunk_axis(x: fx.Node, dim: int, ctx: Ctx) -> bool:
+    """``x``'s sequence axis counts chunks (``h.view(B, T // C, C, D)``, then e.g. ``sum(2)``:
+    fla's ``naive_chunk_linear_attn``): a divisor of the shard length reached from a view that
+    split the sequence. Each rank's chunks are then a contiguous block, like its tokens."""
+    n, T = (shape(x) or [0] * (dim + 1))[dim], ctx.seq_len
+    if not T or not n or n >= T or T % n:
+        return False
+    pl, cur = ctx.placements, x
+    for _ in range(32):
+        if canonical_name(cur) in ("view", "reshape", "unflatten"):
+            src = cur.args[0]
+            ps = pl.get(src)
+            return isinstance(src, fx.Node) and isinstance(ps, Shard) and not ps.merged and \
+                (shape(src) or [0] * (ps.dim + 1))[ps.dim] == T
+        ins = [a for a in cur.all_input_nodes if isinstance(pl.get(a), Shard) and
+               (shape(a) or [0] * (pl.get(a).dim + 1))[pl.get(a).dim] == n]
+        if not ins:
+            return False
+        cur = ins[0]  # (kᵀ v of chunks: either operand tells)
+    return False
+
+
 class SequenceScan(Pattern):
     """``cumsum``, ``cumprod``, ``logcumsumexp``, ``cummax``, ``cummin`` along the sequence
     (function or method, any dim spelling, ``dtype=``): the local scan combined with the
@@ -1405,7 +1427,7 @@ class SequenceScan(Pattern):
                 yield FailedMatch(op, node, "the scanned value is not a plain shard of the "
                                             "sequence")
                 continue
-            if sx[px.dim] != ctx.seq_len:
+            if sx[px.dim] != ctx.seq_len and not _chunk_axis(x, px.dim, ctx):
                 yield FailedMatch(op, node, f"the scanned value has {sx[px.dim]} rows along the "
                                             f"sequence, not the shard's {ctx.seq_len} (rows put "
                                             f"in front or cut off)")

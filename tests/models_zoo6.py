@@ -1,0 +1,142 @@
+"""Spellings a red-team pass over unseen models found (session of 2026-12-02), written out as
+small models:
+
+* reductions with no ``dim`` (``h.max()``, ``torch.min(h)``, cosFormer's ``M = idx.max() + 1``
+  over positions, performer-pytorch's ``torch.max(data_dash)`` stabiliser): ATen's ``max`` has a
+  pointwise overload, and the analysis took them for elementwise ops (silently wrong);
+* lengths hidden in tensor constructors (``torch.tensor(float(T))``, ``torch.full((), T)``):
+  refused like the folded number itself;
+* Mamba2 ``ssd_minimal``'s own ``segsum`` (``x[..., None].repeat(..., T)``, masked cumsum over
+  dim -2) in the quadratic SSD form;
+* prefix sums over a chunk axis (``h.view(B, T // C, C, D).sum(2).cumsum(1)``: fla's
+  ``naive_chunk_linear_attn`` state pass).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FullReductions(nn.Module):
+    """``h - h.max()``, ``h * torch.min(h)``, ``h.amax(dim=1, keepdim=True)`` in one model."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.l(x)
+        return (h - h.max()) * torch.min(h).abs() + h.amax(dim=1, keepdim=True)
+
+
+class CosFormerMaxIndex(nn.Module):
+    """cosFormer's reweighting with ``M = idx.max() + 1`` read from positions (non-causal)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = F.relu(self.qkv(x)).chunk(3, -1)
+        idx = torch.arange(1, T + 1, dtype=torch.float32)
+        m = idx.max() + 1
+        ang = (torch.pi / 2) * idx / m
+        qs, qc = q * torch.sin(ang)[:, None], q * torch.cos(ang)[:, None]
+        ks, kc = k * torch.sin(ang)[:, None], k * torch.cos(ang)[:, None]
+        kv = torch.einsum("btd,bte->bde", ks, v) + 0 * torch.einsum("btd,bte->bde", kc, v)
+        kv_c = torch.einsum("btd,bte->bde", kc, v)
+        return torch.einsum("btd,bde->bte", qs, kv) + torch.einsum("btd,bde->bte", qc, kv_c)
+
+
+class PerformerStabiliser(nn.Module):
+    """performer-pytorch's older ``softmax_kernel`` for keys: ``stab = torch.max(data_dash)``
+    over everything, detached (non-causal linear attention)."""
+
+    def __init__(self, d: int = 16, m: int = 8):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.register_buffer("proj", torch.randn(m, d) * 0.3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        dk = k @ self.proj.t()
+        diag = (k ** 2).sum(-1, keepdim=True) / 2
+        kp = torch.exp(dk - diag - torch.max(dk).detach()) + 1e-4
+        qp = torch.exp(q @ self.proj.t() - (q ** 2).sum(-1, keepdim=True) / 2) + 1e-4
+        ctx = kp.transpose(-1, -2) @ v
+        return (qp @ ctx) / (qp @ kp.sum(1, keepdim=True).transpose(-1, -2))
+
+
+class LengthInTensor(nn.Module):
+    """``torch.arange(T) / torch.tensor(float(T))``: the length as a tensor constant."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        T = x.shape[1]
+        return self.l(x) * (torch.arange(T) / torch.tensor(float(T)))[:, None]
+
+
+class LengthInFull(nn.Module):
+    """``h.cumsum(1) / torch.full((), T)``."""
+
+    def forward(self, x):
+        return x.cumsum(1) / torch.full((), x.shape[1])
+
+
+def ssd_segsum(x):
+    """Mamba2 ``ssd_minimal``'s segsum: ``out[..., i, j] = Σ_{j < k <= i} x[..., k]``."""
+    T = x.size(-1)
+    x = x[..., None].repeat(*([1] * x.dim()), T)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool), diagonal=-1)
+    x = x.masked_fill(~mask, 0)
+    x_segsum = torch.cumsum(x, dim=-2)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+class SSDMinimalQuadratic(nn.Module):
+    """The quadratic SSD form with ``ssd_minimal``'s segsum: ``((C Bᵀ) ⊙ exp(segsum(A))) X``."""
+
+    def __init__(self, d: int = 16, heads: int = 2, n: int = 4):
+        super().__init__()
+        self.h, self.n = heads, n
+        self.x_proj = nn.Linear(d, d)
+        self.bc = nn.Linear(d, 2 * heads * n)
+        self.dt = nn.Linear(d, heads)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        xs = self.x_proj(x).view(B, T, self.h, -1).transpose(1, 2)        # [B, H, T, P]
+        b, c = self.bc(x).view(B, T, 2, self.h, self.n).unbind(2)
+        b, c = b.transpose(1, 2), c.transpose(1, 2)                         # [B, H, T, N]
+        a = -F.softplus(self.dt(x)).transpose(1, 2)                         # [B, H, T]
+        L = torch.exp(ssd_segsum(a))
+        y = ((c @ b.transpose(-1, -2)) * L) @ xs
+        return y.transpose(1, 2).reshape(B, T, D)
+
+
+class ChunkStatePass(nn.Module):
+    """The state pass of fla's ``naive_chunk_linear_attn``: per-chunk ``kᵀv`` sums, a prefix sum
+    over the chunk axis, the exclusive state read by the chunk's queries, plus the intra-chunk
+    causal part."""
+
+    def __init__(self, d: int = 16, chunk: int = 4):
+        super().__init__()
+        self.qkv, self.c = nn.Linear(d, 3 * d), chunk
+
+    def forward(self, x):
+        B, T, D = x.shape
+        C = self.c
+        q, k, v = (t.view(B, T // C, C, D) for t in self.qkv(x).chunk(3, -1))
+        kv = k.transpose(-1, -2) @ v                                        # [B, N, D, D]
+        incl = kv.cumsum(1)
+        excl = incl - kv
+        inter = q @ excl
+        mask = torch.tril(torch.ones(C, C, dtype=torch.bool))
+        intra = ((q @ k.transpose(-1, -2)).masked_fill(~mask, 0)) @ v
+        return (inter + intra).reshape(B, T, D)
