@@ -27,3 +27,10 @@ def check_scans(rank, P, rec):
           Z.SSDMinimalQuadratic, kinds={"linear_scan"})
     exact(rank, P, rec, "chunk axis prefix sum (fla naive_chunk_linear_attn)", Z.ChunkStatePass,
           kinds={"cumsum"})
+
+
+def check_loops_and_losses(rank, P, rec):
+    exact(rank, P, rec, "two carried states, both final states returned", Z.TwoStateFinals,
+          kinds={"loop_scan"})
+    exact(rank, P, rec, "nn.CrossEntropyLoss (weight=None) and class weights + smoothing",
+          Z.LossModules, Z.ids_and_labels(), kinds={"reduction"})

@@ -140,3 +140,52 @@ class ChunkStatePass(nn.Module):
         mask = torch.tril(torch.ones(C, C, dtype=torch.bool))
         intra = ((q @ k.transpose(-1, -2)).masked_fill(~mask, 0)) @ v
         return (inter + intra).reshape(B, T, D)
+
+
+class TwoStateFinals(nn.Module):
+    """A loop with two carried states (RWKV-like numerator / denominator) returning both final
+    states: each output reads its own chain's global final state."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.p = nn.Linear(d, 2 * d)
+        self.w = nn.Parameter(torch.rand(d) * 0.5 + 0.4)
+
+    def forward(self, x):
+        k, v = self.p(x).chunk(2, -1)
+        a = torch.zeros_like(x[:, 0])
+        b = torch.zeros_like(x[:, 0])
+        out = []
+        for t in range(x.shape[1]):
+            a = self.w * a + k[:, t] * v[:, t]
+            b = self.w * b + k[:, t]
+            out.append(a / (b.abs() + 1.0))
+        return torch.stack(out, 1), a, b
+
+
+class LossModules(nn.Module):
+    """HF 4.x's ``loss_fct = CrossEntropyLoss(); loss_fct(logits.view(-1, V), labels.view(-1))``
+    (``weight=None`` passed by keyword) and a class-weighted loss with label smoothing."""
+
+    def __init__(self, vocab: int = 11, d: int = 16):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        self.loss_fct = nn.CrossEntropyLoss()
+        self.register_buffer("cw", torch.linspace(0.5, 2.0, vocab))
+        self.v = vocab
+
+    def forward(self, ids, labels):
+        logits = self.head(self.emb(ids))
+        a = self.loss_fct(logits.view(-1, self.v), labels.view(-1))
+        b = F.cross_entropy(logits.view(-1, self.v), labels.view(-1), weight=self.cw,
+                            label_smoothing=0.1)
+        return a + 2 * b
+
+
+def ids_and_labels(B: int = 2, T: int = 32, vocab: int = 11):
+    def make():
+        ids = torch.randint(0, vocab, (B, T))
+        labels = torch.randint(0, vocab, (B, T))
+        labels[:, ::5] = -100
+        return [ids, labels]
+    return make

@@ -4,8 +4,8 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_reductions", "check_lengths", "check_scans"]
-P4 = ["check_reductions", "check_scans"]
+P2 = ["check_reductions", "check_lengths", "check_scans", "check_loops_and_losses"]
+P4 = ["check_reductions", "check_scans", "check_loops_and_losses"]
 
 
 @pytest.mark.parametrize("world_size,checks", [(2, P2), (4, P4)], ids=["P2", "P4"])

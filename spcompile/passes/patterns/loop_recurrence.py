@@ -185,7 +185,7 @@ class _Loop:
         self.chains: List[Tuple[fx.Node, List[fx.Node]]] = []  # (root, chain)
         self.body: Dict[fx.Node, int] = {}  # node → step (reads, chain nodes, body nodes)
         self.combiners: Dict[fx.Node, int] = {}  # stack/cat → output dim
-        self.after: Dict[fx.Node, fx.Node] = {}  # after-loop node → final state it reads
+        self.after: Dict[fx.Node, Set[fx.Node]] = {}  # after-loop node → finals it reads
         self.n = 0
         self.synth: Set[int] = set()  # chains whose last-step update Dynamo dropped (dead)
         # outputs written in place: y[:, t] = v (setitem) or y[:, t].copy_(v)
@@ -548,7 +548,7 @@ class LoopRecurrence(Pattern):
                 if a in state_nodes and a not in finals:
                     return fail(f"{n.name} after the loop reads an intermediate carried state")
                 if a in finals:
-                    L.after[n] = a
+                    L.after.setdefault(n, set()).add(a)
                 elif a in L.body:
                     return fail(f"{n.name} after the loop reads a value of the last step")
 
@@ -583,7 +583,7 @@ class LoopRecurrence(Pattern):
                 if u in L.body or u in L.combiners or u in state_nodes or u in after:
                     continue
                 if n in finals:  # the final state after the loop (or returned)
-                    L.after[u] = n
+                    L.after.setdefault(u, set()).add(n)
                     continue
                 return fail(f"{n.name} of loop step {k} is used after the loop by {u.name}")
         covered = set(L.body) | set(L.combiners) | set(L.reads) | state_nodes | \
@@ -725,7 +725,7 @@ class LoopRecurrence(Pattern):
                 folded = mk(_fold_states, (z, s_loc, lin, ctx.group_name))
                 s_in = mk(operator.getitem, (folded, 0))
                 final = None
-                if any(f is end for f in L.after.values()):
+                if any(end in fs for fs in L.after.values()):
                     final = mk(operator.getitem, (folded, 1))
             created |= set(new)
             for n in new:
@@ -734,8 +734,8 @@ class LoopRecurrence(Pattern):
             z.replace_all_uses_with(s_in, delete_user_cb=lambda u: u not in created and
                                     u in L.body)
             if final is not None:
-                for n, f in L.after.items():
-                    if f is end:
+                for n, fs in L.after.items():
+                    if end in fs:  # (a node may read several chains' final states)
                         n.replace_input_with(end, final)
         # placements the later analyses must not recompute as mixing
         for n in L.reads:

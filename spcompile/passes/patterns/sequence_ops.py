@@ -1068,9 +1068,13 @@ def _global_cross_entropy(logits, target, kwargs: dict, group_name: str):
     ignore = kw.get("ignore_index", -100)
     kw["reduction"] = "sum"
     total = F.cross_entropy(logits, target, **kw)
+    weight = kw.get("weight")
     if target.dtype.is_floating_point:  # class probabilities: every row counts
         count = torch.tensor(float(target.numel() // max(target.shape[1] if target.dim() > 1
                                                           else 1, 1)), device=logits.device)
+    elif weight is not None:  # class weights: the mean divides by the weights of the targets
+        keep = target != ignore
+        count = torch.where(keep, weight[target.clamp(min=0)], 0).sum().to(total.dtype)
     else:
         count = (target != ignore).sum().to(total.dtype)
     total = torch.ops.spcompile.allreduce(total, "sum", group_name)
@@ -1088,8 +1092,11 @@ class CrossEntropy(Pattern):
             if red not in ("mean", "sum"):
                 yield FailedMatch(self.name, node, f"reduction={red!r}")
                 continue
-            if node.kwargs.get("weight") is not None or len(node.args) > 2:
-                yield FailedMatch(self.name, node, "class weights are not supported sharded")
+            w = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
+            if len(node.args) > 3 or (w is not None and not (
+                    isinstance(w, fx.Node) and isinstance(ctx.placements.get(w), Replicate))):
+                yield FailedMatch(self.name, node, "class weights that are not one replicated "
+                                                   "tensor, or legacy positional arguments")
                 continue
             yield Match(self.kind, self.name, node, info={"reduction": red})
 
@@ -1099,6 +1106,10 @@ class CrossEntropy(Pattern):
         g = gm.graph
         node = m.anchor
         kw = {k: v for k, v in node.kwargs.items() if k != "reduction"}
+        if len(node.args) > 2:
+            kw["weight"] = node.args[2]
+        if kw.get("weight", 0) is None:
+            del kw["weight"]  # nn.CrossEntropyLoss passes weight=None
         with g.inserting_before(node), ctx.provenance(gm, m, node):
             if m.info["reduction"] == "mean":
                 out = _call(g, _global_cross_entropy, (node.args[0], node.args[1], kw,
