@@ -441,13 +441,17 @@ def _globalize_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
                 blk = gm.graph.call_function(_rank_block, (glob, tuple(dims), ctx.rank * T, T))
                 set_meta(blk)
             try:
-                got, local = evaluate(gm, [blk, c], ctx.example_inputs, {})
+                whole, local = evaluate(gm, [glob, c], ctx.example_inputs, {})
+                blocks = [_rank_block(whole, dims, r * T, T) for r in range(P)]
             except Exception:  # noqa: BLE001 - values unknown: leave it
-                got = local = None
-            if not (isinstance(got, torch.Tensor) and isinstance(local, torch.Tensor)) or \
-                    got.shape != local.shape or torch.equal(got, local):
-                # the same block (nothing to do), or another local-length axis that is not
-                # the sequence's here (x[..., None].repeat(..., T) masked with tril(T, T))
+                local, blocks = None, []
+            if not isinstance(local, torch.Tensor) or any(
+                    not isinstance(b, torch.Tensor) or b.shape != local.shape for b in blocks) \
+                    or all(torch.equal(b, local) for b in blocks):
+                # every rank's block is the local value (nothing to do; decided for all ranks
+                # alike, so that every rank compiles the same graph), or another local-length
+                # axis that is not the sequence's (x[..., None].repeat(..., T) masked with a
+                # tril(T, T))
                 gm.graph.erase_node(blk)
                 continue
             blk.meta["spcompile_placement"] = Replicate()

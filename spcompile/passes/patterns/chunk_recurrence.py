@@ -77,15 +77,16 @@ def _chunk_carry(M, D, R, a, zero_init: bool, strategy: str, group_name: str,
         nb *= int(s)
     R0 = R[..., 0:1, :]
     own = M[..., -1, :]  # this rank's state after its chunks, from its slot 0
-    if not zero_init and r > 0:
-        own = own - D[..., -1, 0:1] * R0[..., 0, :]  # without the initial state's share
+    not_first = 0.0 if r == 0 else 1.0  # a number, not a branch: one graph on every rank
+    if not zero_init:
+        own = own - not_first * (D[..., -1, 0:1] * R0[..., 0, :])  # without the initial share
     tot = a.sum(-1)  # [*batch]
     sdt = torch.float64 if M.dtype == torch.float64 else torch.float32
     s_in = exclusive_state_scan(own.reshape(1, nb, F_, 1).to(sdt),
                                 tot.reshape(1, nb).to(sdt), strategy=strategy,
                                 group=group_name, blocks=blocks)
     s_in = s_in.reshape(*batch, 1, F_).to(M.dtype)
-    delta = s_in if (zero_init or r == 0) else s_in - R0
+    delta = s_in if zero_init else s_in - not_first * R0
     return M + D[..., :, 0:1] * delta
 
 
@@ -100,8 +101,9 @@ def _chunk_carry_mulsum(S, Dx, Rx, tot_x, k: int, j: int, zero_init: bool, strat
     R0 = Rx.narrow(k, 0, 1)
     own = S.narrow(jr, S.shape[jr] - 1, 1)  # this rank's state after its chunks
     corner = Dx.narrow(j, Dx.shape[j] - 1, 1).narrow(k, 0, 1)
-    if not zero_init and r > 0:
-        own = own - (corner * R0).sum(k)
+    not_first = 0.0 if r == 0 else 1.0  # a number, not a branch: one graph on every rank
+    if not zero_init:
+        own = own - not_first * (corner * R0).sum(k)
     tot = tot_x.narrow(j, tot_x.shape[j] - 1, 1).narrow(k, 0, 1).sum(k)
     tot = tot.expand(own.shape)
     sdt = torch.float64 if S.dtype == torch.float64 else torch.float32
@@ -109,7 +111,7 @@ def _chunk_carry_mulsum(S, Dx, Rx, tot_x, k: int, j: int, zero_init: bool, strat
     s_in = exclusive_state_scan(own.reshape(1, n, 1, 1).to(sdt), tot.reshape(1, n).to(sdt),
                                 strategy=strategy, group=group_name, blocks=blocks)
     s_in = s_in.reshape(own.shape).to(S.dtype).unsqueeze(k)
-    delta = s_in if (zero_init or r == 0) else s_in - R0
+    delta = s_in if zero_init else s_in - not_first * R0
     return S + (Dx.narrow(k, 0, 1) * delta).sum(k)
 
 

@@ -138,7 +138,7 @@ class ConstantCausalMix(Pattern):
                 rows = r
             else:
                 rows = r[:, ctx.rank * T:(ctx.rank + 1) * T]
-            unit = bool(torch.all(rows == 1))
+            unit = bool(torch.all(r == 1))  # over all ranks' rows: one graph on every rank
             yield Match(self.kind, self.name, node, bindings={"x": x, "C": c},
                         nodes={node},
                         info={"decay": "none" if log_gamma is None else "head",

@@ -1123,12 +1123,14 @@ class CrossEntropy(Pattern):
 
 # ------------------------------------------------------------------ shifted next-token loss
 def _ignore_head(labels, s: int, dim: int, ignore: int, group_name: str):
-    """``labels`` with the first ``s`` GLOBAL positions set to ``ignore`` (rank 0's head)."""
+    """``labels`` with the first ``s`` GLOBAL positions set to ``ignore`` (rank 0's head).
+    The same ops on every rank (the offset is a number): a rank-dependent graph can order the
+    compiled backward's collectives differently on different ranks."""
+    off = 0
     if group_name:
         from ...collectives import group_rank
-        if group_rank(group_name) != 0:
-            return labels
-    pos = torch.arange(labels.shape[dim], device=labels.device)
+        off = group_rank(group_name) * labels.shape[dim]
+    pos = torch.arange(labels.shape[dim], device=labels.device) + off
     head = (pos < s).view(*([1] * dim), -1, *([1] * (labels.dim() - dim - 1)))
     return torch.where(head, torch.full_like(labels, ignore), labels)
 
@@ -1254,7 +1256,7 @@ def _from_owner(y, owner: int, group_name: str):
     if not group_name:
         return y
     from ...collectives import group_rank
-    keep = y if group_rank(group_name) == owner else y * 0
+    keep = y * (1.0 if group_rank(group_name) == owner else 0.0)  # one graph on every rank
     return torch.ops.spcompile.allreduce(keep, "sum", group_name)
 
 
