@@ -2,6 +2,8 @@
 on gloo ranks, each in its outcome class (tests/_outcomes.py)."""
 from __future__ import annotations
 
+import torch
+
 import models_zoo6 as Z
 from _outcomes import exact, refused
 
@@ -34,3 +36,23 @@ def check_loops_and_losses(rank, P, rec):
           kinds={"loop_scan"})
     exact(rank, P, rec, "nn.CrossEntropyLoss (weight=None) and class weights + smoothing",
           Z.LossModules, Z.ids_and_labels(), kinds={"reduction"})
+
+
+def _ids(B=2, T=32, vocab=11):
+    return lambda: [torch.randint(0, vocab, (B, T))]
+
+
+def check_training_surfaces(rank, P, rec):
+    exact(rank, P, rec, "multi-token prediction: shifted losses of widths 1 and 2",
+          Z.MultiTokenLosses, _ids(), kinds={"halo", "reduction"})
+    exact(rank, P, rec, "narrow / split / select / [[-1]] spellings", Z.NarrowSpellings,
+          kinds={"positions", "reduction", "halo"})
+    exact(rank, P, rec, "RoPE in fp32 under autocast into SDPA", Z.AutocastRoPEAttention,
+          kinds={"attention"}, tol=2e-2)
+
+
+def check_length_indices(rank, P, rec):
+    refused(rank, P, rec, "x[:, T - 1] (T folded to the local length)", Z.IndexFromLength,
+            text=("LOCAL length", "negative index", "length_constants"))
+    refused(rank, P, rec, "HF 4 sequence lengths % ids.shape[-1]", Z.HF4SequenceLengths,
+            _ids(), text=("LOCAL length", "length_constants"))

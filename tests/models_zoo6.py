@@ -189,3 +189,87 @@ def ids_and_labels(B: int = 2, T: int = 32, vocab: int = 11):
         labels[:, ::5] = -100
         return [ids, labels]
     return make
+
+
+class MultiTokenLosses(nn.Module):
+    """Multi-token prediction: next-token and second-next-token losses on the same ids (two
+    shifted losses of different widths)."""
+
+    def __init__(self, vocab: int = 11, d: int = 16):
+        super().__init__()
+        self.emb, self.h1, self.h2 = nn.Embedding(vocab, d), nn.Linear(d, vocab), \
+            nn.Linear(d, vocab)
+        self.v = vocab
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        a = F.cross_entropy(self.h1(h)[:, :-1].reshape(-1, self.v), ids[:, 1:].reshape(-1))
+        b = F.cross_entropy(self.h2(h)[:, :-2].reshape(-1, self.v), ids[:, 2:].reshape(-1))
+        return a, b
+
+
+class NarrowSpellings(nn.Module):
+    """Position tables and tokens taken with ``narrow`` / ``split`` / ``select`` / a one-element
+    list: ``pos.narrow(1, 0, T)``, ``torch.narrow(pe, 0, 0, T)``, ``pe.split(T, 0)[0]``, the last
+    token by ``x.select(1, -1)`` and ``x[:, [-1], :]``, a shift by ``F.pad(x.narrow(1, 0, T - 1),
+    (0, 0, 1, 0))``."""
+
+    def __init__(self, d: int = 16, max_len: int = 64):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, max_len, d) * 0.1)
+        self.register_buffer("pe", torch.randn(max_len, d))
+        self.l = nn.Linear(d, d)
+
+    def forward(self, x):
+        T = x.shape[1]
+        h = self.l(x + self.pos.narrow(1, 0, T)) * torch.narrow(self.pe, 0, 0, T)
+        h = h + self.pe.split(T, 0)[0]
+        last = h.select(1, -1)[:, None] + h[:, [-1], :]
+        return F.pad(h.narrow(1, 0, T - 1), (0, 0, 1, 0)) + last
+
+
+class IndexFromLength(nn.Module):
+    """``x[:, T - 1]`` with T folded to the local length."""
+
+    def forward(self, x):
+        T = x.shape[1]
+        return x[:, T - 1]
+
+
+class HF4SequenceLengths(nn.Module):
+    """transformers 4's sequence-classification pooling: ``(eq(ids, pad).argmax(-1) - 1) %
+    ids.shape[-1]`` (the modulus is folded to the local length)."""
+
+    def __init__(self, vocab: int = 11, d: int = 16):
+        super().__init__()
+        self.emb, self.score = nn.Embedding(vocab, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        logits = self.score(self.emb(ids))
+        lengths = (torch.eq(ids, 0).int().argmax(-1) - 1) % ids.shape[-1]
+        return logits[torch.arange(ids.shape[0]), lengths]
+
+
+class AutocastRoPEAttention(nn.Module):
+    """RoPE tables from ``arange(T, dtype=float32)`` under ``torch.autocast``: q, k come out
+    fp32 while v is bf16; SDPA under autocast casts all three."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.qkv, self.h = nn.Linear(d, 3 * d), heads
+
+    def forward(self, x):
+        B, T, D = x.shape
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q, k, v = (t.view(B, T, self.h, -1).transpose(1, 2)
+                       for t in self.qkv(x).chunk(3, -1))
+            hd = q.shape[-1]
+            inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            ang = torch.outer(torch.arange(T, dtype=torch.float32), inv)
+            cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+            def rot(t):
+                t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
+                return t * cos + torch.cat([-t2, t1], -1) * sin
+            o = F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+        return o.transpose(1, 2).reshape(B, T, D).float()

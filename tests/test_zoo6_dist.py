@@ -4,8 +4,9 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_reductions", "check_lengths", "check_scans", "check_loops_and_losses"]
-P4 = ["check_reductions", "check_scans", "check_loops_and_losses"]
+P2 = ["check_reductions", "check_lengths", "check_scans", "check_loops_and_losses",
+      "check_training_surfaces", "check_length_indices"]
+P4 = ["check_reductions", "check_scans", "check_loops_and_losses", "check_training_surfaces"]
 
 
 @pytest.mark.parametrize("world_size,checks", [(2, P2), (4, P4)], ids=["P2", "P4"])

@@ -363,6 +363,79 @@ def _fresh_buffer_slice_writes(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(v)
 
 
+def _index_at(dim: int, item: Any, nd: int) -> tuple:
+    """The getitem index that applies ``item`` at ``dim`` and keeps every other dim."""
+    return (slice(None),) * (dim % nd) + (item,)
+
+
+def _from_user_gather(node: fx.Node) -> bool:
+    from .graph_utils import ancestors
+    return any(canonical_name(a) in ("spcompile::gather_sequence", "spcompile::gather_sequence_rs")
+               for a in ancestors(node))
+
+
+def _slicing_spellings(gm: fx.GraphModule) -> None:
+    """One spelling for taking part of a dim: ``x.narrow(d, a, n)`` → ``x[..., a:a + n]``,
+    ``x.select(d, i)`` → ``x[..., i]``, ``x.split(n, d)[i]`` (a piece only indexed) →
+    ``x[..., i·n:(i + 1)·n]``, ``x[:, [-1]]`` → ``x[:, -1:]``, so that the families that read
+    slices (position tables ``table[:T]``, shifts ``x[:, :T - s]``, one token ``h[:, -1:]``) see
+    every spelling. A narrow of a value computed from ``spcompile.gather_sequence`` stays (it is
+    the user's own ``shard_sequence``)."""
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = canonical_name(node)
+        x = node.args[0] if node.args else None
+        xv = tensor_val(x) if isinstance(x, fx.Node) else None
+        if xv is None or xv.dim() == 0:
+            continue
+        nd = xv.dim()
+        new_idx = None
+        if name == "narrow":
+            d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            a = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+            n = node.args[3] if len(node.args) > 3 else node.kwargs.get("length")
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in (d, a, n)) and \
+                    not _from_user_gather(node):
+                a = a % xv.shape[d] if a < 0 else a
+                new_idx = _index_at(d, slice(a, a + n), nd)
+        elif name == "select":
+            d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            i = node.args[2] if len(node.args) > 2 else node.kwargs.get("index")
+            if isinstance(d, int) and isinstance(i, int):
+                new_idx = _index_at(d, i, nd)
+        elif name == "getitem" and isinstance(node.args[1], (list, tuple)):
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            lists = [j for j, i in enumerate(idx) if isinstance(i, list)]
+            if len(lists) == 1 and len(idx[lists[0]]) == 1 and \
+                    isinstance(idx[lists[0]][0], int) and Ellipsis not in idx[:lists[0]] and \
+                    None not in idx[:lists[0]]:
+                i = idx[lists[0]][0]
+                sl = slice(i, i + 1 if i != -1 else None)
+                new_idx = idx[:lists[0]] + (sl,) + idx[lists[0] + 1:]
+        elif name in ("split", "chunk") and node.users and all(
+                canonical_name(u) == "getitem" and isinstance(u.args[1], int)
+                for u in node.users):
+            n = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+                "split_size_or_sections", node.kwargs.get("split_size", node.kwargs.get("chunks")))
+            d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            if isinstance(n, int) and isinstance(d, int) and n > 0:
+                L = xv.shape[d]
+                size = n if name == "split" else -(-L // n)
+                for u in list(node.users):
+                    k = u.args[1] % (-(-L // size))
+                    piece = _new(gm, u, operator.getitem,
+                                 (x, _index_at(d, slice(k * size, min((k + 1) * size, L)), nd)))
+                    _replace(gm, u, piece)
+                if not node.users:
+                    gm.graph.erase_node(node)
+            continue
+        if new_idx is None:
+            continue
+        new = _new(gm, node, operator.getitem, (x, new_idx))
+        _replace(gm, node, new)
+
+
 def _signatures(target: Any) -> List[inspect.Signature]:
     """The Python signatures of a torch function (its overloads') or of a plain function."""
     from torch.fx.operator_schemas import get_signature_for_torch_op
@@ -619,6 +692,7 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Spellings → one vocabulary (matmul, permute, torch functions)."""
     from .inline_hops import inline_wrappers
     inline_wrappers(gm)  # activation-checkpointed / wrapped bodies → the flat graph
+    _slicing_spellings(gm)
     _fresh_buffer_slice_writes(gm)
     _functionalize_inplace(gm)
     _positional_kwargs(gm)

@@ -497,6 +497,10 @@ def _globalize_sizes(node: fx.Node, gdims: Dict[fx.Node, int], ctx: Ctx) -> set:
                 cur += nd - n_real
             elif i is not None:
                 if cur == d and isinstance(i, slice) and i.step in (None, 1):
+                    from .patterns.sequence_ops import local_length_index
+                    for b in (i.start, i.stop):
+                        if isinstance(b, int) and b % T:
+                            local_length_index(ctx, node, b, T, "slice bound")
                     i = slice(scale(i.start), scale(i.stop), i.step)
                 cur += 1
             out.append(i)
@@ -505,7 +509,7 @@ def _globalize_sizes(node: fx.Node, gdims: Dict[fx.Node, int], ctx: Ctx) -> set:
     return {x} if (node.args, dict(node.kwargs)) != before else set()
 
 
-_ARITH = {"mul", "div", "truediv", "add", "sub", "rsub", "floordiv"}
+_ARITH = {"mul", "div", "truediv", "add", "sub", "rsub", "floordiv", "mod", "remainder", "fmod"}
 
 
 def _refuse_local_length_writes(gm: fx.GraphModule, ctx: Ctx) -> None:

@@ -22,7 +22,8 @@ At P = 1 every family still matches (``explain`` shows it) but there is nothing 
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Optional
+import warnings
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -66,9 +67,26 @@ def _replace_call(gm, ctx: Ctx, m: Match, fn, args, placement) -> None:
 
 
 # ------------------------------------------------------------------ softmax attention
+def _autocast_like_sdpa(q, k, v):
+    """Under ``torch.autocast`` SDPA runs in the autocast dtype (it casts q, k, v itself: fp32
+    RoPE'd q, k with bf16 v are fine eagerly); the sequence-parallel op is a custom op that
+    autocast does not see, so the casts are made here, as SDPA would."""
+    dev = q.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError, RuntimeError):  # older torch: the CUDA-only spelling
+        on = dev == "cuda" and torch.is_autocast_enabled()
+        dt = torch.get_autocast_gpu_dtype() if on else None
+    if not on or dt is None:
+        return q, k, v
+    return tuple(t.to(dt) if t.is_floating_point() and t.dtype != dt else t for t in (q, k, v))
+
+
 def _sdpa_sp(q, k, v, causal: bool, scale: Optional[float], enable_gqa: bool, strategy: str,
              group_name: str):
     from ...collectives import sp_attention
+    q, k, v = _autocast_like_sdpa(q, k, v)
     bar = torch.ops.spcompile.layout_barrier  # pins the layouts of the gradients (see ops.py)
     o = sp_attention(bar(q), bar(k), bar(v), causal=causal, scale=scale, strategy=strategy,
                      group=group_name, enable_gqa=enable_gqa)
@@ -1260,6 +1278,27 @@ def _from_owner(y, owner: int, group_name: str):
     return torch.ops.spcompile.allreduce(keep, "sum", group_name)
 
 
+def local_length_index(ctx: Ctx, node: fx.Node, i: Any, n: int, what: str = "index") -> None:
+    """A non-negative index or slice bound into the sequence in the upper half of the shard
+    (``x[:, T - 1]``, ``x.size(1) - 1``, ``x[:, 4:T - 4]``) is almost surely computed from the
+    length, which is folded to the LOCAL one in the graph: position 15 of 16 is this rank's
+    last token, while the user meant the sequence's. An error (``length_constants``: ``warn``,
+    ``ignore`` take the index as a global position). Negative indices (``x[:, -1]``) say it."""
+    mode = getattr(ctx.options, "length_constants", "error")
+    if mode == "ignore" or not isinstance(i, int) or isinstance(i, bool) or not n // 2 < i < n:
+        return
+    msg = (f"spcompile: the {what} {i} into the sequence at {source_line(node) or node.name} "
+           f"is {n - i} before this rank's local length T = {n}: if it was computed from the "
+           f"length (x[:, T - 1], x.size(1) - {n - i}), it is the LOCAL length here and the "
+           f"sharded result would be wrong. Count from the end with a negative index "
+           f"(x[:, -{n - i}], x[:, :-{n - i}]), or pass options={{'length_constants': "
+           f"'ignore'}} if {i} is a fixed position of the whole sequence.")
+    if mode == "error":
+        from ..fallback import SequenceParallelError
+        raise SequenceParallelError(msg)
+    warnings.warn(msg, stacklevel=2)
+
+
 class SequenceIndex(Pattern):
     """``h[:, -1]``, ``h[:, 0]`` (last-token / CLS pooling), ``h[:, :1]`` / ``h[:, -1:]``: one
     token picked by a constant index (or a one-token slice) along the sequence. The index is a global position; the rank that holds it
@@ -1299,8 +1338,11 @@ class SequenceIndex(Pattern):
                                                    "sequence (a loop over tokens)")
                 continue
             i = idx[pos]
+            at = i if isinstance(i, int) else (i.start or 0)
+            if n == ctx.seq_len:
+                local_length_index(ctx, node, at, n)
             yield Match(self.kind, self.name, node, info={
-                "index": i if isinstance(i, int) else (i.start or 0), "pos": pos,
+                "index": at, "pos": pos,
                 "dim": px.dim, "keepdim": isinstance(i, slice),
                 # zeros_like(x[:, :1]): only the shape is read, nothing to fetch
                 "shape_only": all(canonical_name(u) in _SHAPE_ONLY_USERS for u in node.users)})
