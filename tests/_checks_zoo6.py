@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import models_zoo6 as Z
+import _outcomes
 from _outcomes import exact, refused
 
 
@@ -56,3 +57,12 @@ def check_length_indices(rank, P, rec):
             text=("LOCAL length", "negative index", "length_constants"))
     refused(rank, P, rec, "HF 4 sequence lengths % ids.shape[-1]", Z.HF4SequenceLengths,
             _ids(), text=("LOCAL length", "length_constants"))
+
+
+def check_convolutions(rank, P, rec):
+    refused(rank, P, rec, "S4D Vandermonde kernel from arange(L) by conv1d", Z.VandermondeConv,
+            text=("long convolution", "gather_sequence"))
+    refused(rank, P, rec, "long filter w[..., :T] with pad(T - 1)", Z.FilterCutToLength,
+            text=("long convolution", "FFT"))
+    _outcomes.gathered(rank, P, rec, "causal conv reaching past the previous rank",
+                       Z.WideCausalConv, ops=("conv1d",), file="models_zoo6.py")

@@ -273,3 +273,43 @@ class AutocastRoPEAttention(nn.Module):
                 return t * cos + torch.cat([-t2, t1], -1) * sin
             o = F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
         return o.transpose(1, 2).reshape(B, T, D).float()
+
+
+class VandermondeConv(nn.Module):
+    """S4D's convolution view by conv1d: the kernel ``exp(-r · arange(L))`` has the sequence's
+    length (built from positions)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.log_r = nn.Parameter(torch.rand(d) * 0.5)
+
+    def forward(self, u):
+        B, L, H = u.shape
+        k = torch.exp(-torch.exp(self.log_r)[:, None] * torch.arange(L))
+        y = F.conv1d(F.pad(u.transpose(1, 2), (L - 1, 0)), k.flip(-1)[:, None], groups=H)
+        return y.transpose(1, 2)
+
+
+class FilterCutToLength(nn.Module):
+    """A long filter cut to the length, ``w[..., :T]`` with ``pad(T - 1)``."""
+
+    def __init__(self, d: int = 16, max_len: int = 64):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, 1, max_len) * 0.1)
+
+    def forward(self, x):
+        T = x.shape[1]
+        return F.conv1d(F.pad(x.transpose(1, 2), (T - 1, 0)), self.w[..., :T],
+                        groups=x.shape[-1]).transpose(1, 2)
+
+
+class WideCausalConv(nn.Module):
+    """A causal conv reaching further back than one shard (k - 1 = 19 > 16 local tokens)."""
+
+    def __init__(self, d: int = 16, k: int = 20):
+        super().__init__()
+        self.conv = nn.Conv1d(d, d, k, groups=d, padding=k - 1)
+
+    def forward(self, x):
+        T = x.shape[1]
+        return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)

@@ -236,6 +236,27 @@ class CausalConv1d(Pattern):
             if stride != 1:
                 yield FailedMatch(self.name, node, "strided convolution along the sequence")
                 continue
+            bias = arg(node, 2, "bias")
+            from ..fallback import _length_constant
+            memo: dict = {}
+            for t in (w, bias):
+                if not isinstance(t, fx.Node):
+                    continue
+                if not isinstance(pl.get(t), Replicate) or _length_constant(t, ctx, memo):
+                    from ..fallback import SequenceParallelError
+                    raise SequenceParallelError(
+                        f"spcompile: the convolution at {source_line(node) or node.name} has a "
+                        f"kernel built from the sequence (from positions, or cut to the local "
+                        f"length {ctx.seq_len}, kernel {k}): a long convolution whose kernel "
+                        f"grows with the sequence (S4 / Hyena's convolution view) has no "
+                        f"sharded form here. Compute it with an FFT (spcompile gathers the sequence around "
+                        f"it), or run the layer on the whole sequence: spcompile.shard_sequence("
+                        f"layer(spcompile.gather_sequence(x, grad='reduce_scatter'))).")
+            if ctx.seq_len and width > ctx.seq_len:
+                yield FailedMatch(self.name, node, f"the kernel reaches {width} tokens back, "
+                                                   f"beyond the previous rank ({ctx.seq_len} "
+                                                   f"tokens)")
+                continue
             users = list(node.users)
             if padding == width and len(users) == 1 and canonical_name(users[0]) == "getitem" \
                     and self._is_head_slice(users[0], T):
