@@ -445,8 +445,14 @@ class LoopRecurrence(Pattern):
                 trims[z] = extra
                 return self._match(gm, ctx, spans, reads, trims)
             if len(set(counts)) != 1:
+                hint = ""
+                if len(set(counts[:-1])) == 1 and 0 < counts[-1] < counts[0]:
+                    hint = (" (the last step does less: an exclusive readout o_t = f(s) taken "
+                            "before s is updated, whose final state is unused, so Dynamo "
+                            "dropped the last update; use or return the final state, e.g. "
+                            "return torch.stack(out, 1), s)")
                 return fail("the carried state is updated a different number of times in "
-                            "different steps")
+                            "different steps" + hint)
         if L.synth and len(L.synth) != len(L.chains):
             return fail("some carried states are updated in the last step and some are not")
         # every node that reads tokens belongs to that step; a node that only reads carried
