@@ -30,6 +30,10 @@ def check_scans(rank, P, rec):
           Z.SSDMinimalQuadratic, kinds={"linear_scan"})
     exact(rank, P, rec, "chunk axis prefix sum (fla naive_chunk_linear_attn)", Z.ChunkStatePass,
           kinds={"cumsum"})
+    be = exact(rank, P, rec, "SSD with B/C shared by the heads (einsum and matmul)",
+               Z.SSDSharedBC, kinds={"linear_scan"})
+    rec.true("SSD shared B/C: both forms are scans",
+             sum(m.kind == "linear_scan" for r in be.reports for m in r.matches) == 2)
 
 
 def check_loops_and_losses(rank, P, rec):

@@ -313,3 +313,24 @@ class WideCausalConv(nn.Module):
     def forward(self, x):
         T = x.shape[1]
         return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+
+
+class SSDSharedBC(nn.Module):
+    """Mamba2 with ``ngroups = 1``: B and C shared by the heads in the quadratic SSD form,
+    as the four-operand einsum ``btn,bsn,bhts,bshp->bthp`` and as ``(C @ Bᵀ)[:, None] * L @ x``."""
+
+    def __init__(self, d: int = 16, heads: int = 2, n: int = 4):
+        super().__init__()
+        self.h, self.n = heads, n
+        self.proj = nn.Linear(d, 2 * n + heads + d)
+
+    def forward(self, u):
+        B, T, D = u.shape
+        Bm, Cm, dt, xs = torch.split(self.proj(u), [self.n, self.n, self.h, D], -1)
+        cs = (-F.softplus(dt)).transpose(1, 2).cumsum(-1)                      # [B, H, T]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        L = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -torch.inf).exp()
+        xh = xs.view(B, T, self.h, -1)
+        y1 = torch.einsum("btn,bsn,bhts,bshp->bthp", Cm, Bm, L, xh)
+        y2 = (((Cm @ Bm.transpose(-1, -2)).unsqueeze(1) * L) @ xh.transpose(1, 2)).transpose(1, 2)
+        return (y1 + y2).reshape(B, T, D)

@@ -161,6 +161,11 @@ def _lower_einsum(gm: fx.GraphModule, node: fx.Node) -> bool:
         later = set(out).union(*[set(s) for s in subs[i + 1:]]) if i + 1 < len(subs) else set(out)
         nxt = subs[i]
         keep = [c for c in dict.fromkeys(cur_s + nxt) if c in later]
+        if set(keep) == set(cur_s) | set(nxt):
+            # a broadcasting product: keep the letter order of the operand that has the most
+            # (``bts`` times ``bhts`` is ``bhts``: a T×T value stays in its last two dims)
+            big, small = (nxt, cur_s) if len(nxt) >= len(cur_s) else (cur_s, nxt)
+            keep = [c for c in dict.fromkeys(big + small) if c in later]
         if i == len(ops) - 1:
             keep = list(out)
         step_out = "".join(keep)

@@ -129,6 +129,28 @@ def _leads_to_scores(n: fx.Node, pl) -> bool:
     return False
 
 
+def _with_batch(x: torch.Tensor, batch: Tuple[int, ...]) -> torch.Tensor:
+    return x.reshape(*batch, *x.shape[-2:])
+
+
+def _scores_batch(s: fx.Node, chain: Set[fx.Node]) -> Optional[Tuple[int, ...]]:
+    """The batch shape the scores take in the product when a reshape / unsqueeze in the chain
+    inserts unit dims before their last two (``(C @ Bᵀ)[:, None] * L``: B/C shared by the
+    heads, Mamba2's ``ngroups = 1``), else None."""
+    ss = shape(s)
+    for u in s.users:
+        if u not in chain or canonical_name(u) not in ("reshape", "view", "unsqueeze"):
+            continue
+        so = shape(u)
+        if so is None or ss is None or len(so) <= len(ss) or tuple(so[-2:]) != tuple(ss[-2:]):
+            continue
+        sb, ob = list(ss[:-2]), list(so[:-2])
+        rest = [d for d in ob if d != 1] if all(d != 1 for d in sb) else None
+        if rest == sb:
+            return tuple(ob)
+    return None
+
+
 def _flat_heads(x: torch.Tensor, batch: Tuple[int, ...]) -> torch.Tensor:
     """[*batch, T, D] → [1, T, N, D] (the scan layout), broadcasting over ``batch``."""
     T, D = x.shape[-2], x.shape[-1]
@@ -174,6 +196,7 @@ class MaskedLinearAttention(Pattern):
         qn, ktn = s.args[0], s.args[1]
         if not (isinstance(pl.get(qn), Shard) and isinstance(pl.get(ktn), Shard)):
             return FailedMatch(self.name, anchor, "scores are not Q @ Kᵀ of sharded Q, K")
+        qk_batch = _scores_batch(s, chain)
         # data-dependent decay: a cumsum along the sequence under the mask, not under S
         under_s = ancestors(s) | {s}
         mask_nodes = (ancestors(a) | {a}) - under_s
@@ -205,7 +228,8 @@ class MaskedLinearAttention(Pattern):
                                                   f"from one example, so it must not depend on "
                                                   f"the data")
         try:
-            info = self._check_values(gm, ctx, anchor, a, s, qn, ktn, v, decay_node, mask_nodes)
+            info = self._check_values(gm, ctx, anchor, a, s, qn, ktn, v, decay_node, mask_nodes,
+                                      qk_batch)
         except _Refuse as e:
             return FailedMatch(self.name, anchor, str(e))
         nodes = chain | {s, anchor} | {n for n in mask_nodes
@@ -214,14 +238,19 @@ class MaskedLinearAttention(Pattern):
         return Match(self.kind, self.name, anchor,
                      bindings={"q": qn, "kT": ktn, "v": v, "scores": s,
                                "log_decay": decay_node[0] if decay_node else None},
-                     nodes=nodes, info=info)
+                     nodes=nodes, info=dict(info, qk_batch=qk_batch))
 
     # ------------------------------------------------------------------ value checks
-    def _check_values(self, gm, ctx, anchor, a, s, qn, ktn, v, decay_node, mask_nodes):
+    def _check_values(self, gm, ctx, anchor, a, s, qn, ktn, v, decay_node, mask_nodes,
+                      qk_batch=None):
         targets = [anchor, a, s, qn, ktn] + ([v] if v is not None else []) + \
             ([decay_node[0]] if decay_node else [])
         vals = evaluate(gm, targets, ctx.example_inputs, ctx.values)
         O, A, S, Q, KT = (x.double() for x in vals[:5])
+        if qk_batch is not None:  # scores [B, T, T] broadcast over heads as [B, 1, T, T]
+            Q = Q.reshape(*qk_batch, *Q.shape[-2:])
+            KT = KT.reshape(*qk_batch, *KT.shape[-2:])
+            S = S.reshape(*qk_batch, *S.shape[-2:])
         V = vals[5].double() if v is not None else None
         T = A.shape[-1]
         Ab = A.expand(torch.broadcast_shapes(A.shape, S.shape))
@@ -308,8 +337,14 @@ class MaskedLinearAttention(Pattern):
         B = m.info["batch"]
         g = gm.graph
         with g.inserting_before(anchor), ctx.provenance(gm, m, anchor):
-            q = _to_heads(g, m.bindings["q"], B)
-            kt = m.bindings["kT"]
+            qn, kt = m.bindings["q"], m.bindings["kT"]
+            qb = m.info.get("qk_batch")
+            if qb is not None:  # the scores' batch as the product broadcast it
+                qn = g.call_function(_with_batch, (qn, tuple(qb)))
+                set_meta(qn)
+                kt = g.call_function(_with_batch, (kt, tuple(qb)))
+                set_meta(kt)
+            q = _to_heads(g, qn, B)
             k = g.call_function(torch.transpose, (kt, -1, -2))
             set_meta(k)
             k = _to_heads(g, k, B)
