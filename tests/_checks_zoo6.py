@@ -39,6 +39,10 @@ def check_scans(rank, P, rec):
 def check_loops_and_losses(rank, P, rec):
     exact(rank, P, rec, "two carried states, both final states returned", Z.TwoStateFinals,
           kinds={"loop_scan"})
+    exact(rank, P, rec, "RWKV-4 naive WKV loop (exclusive readout, finals unused)",
+          Z.RWKV4NaiveWKV, kinds={"loop_scan", "halo"})
+    exact(rank, P, rec, "exclusive elementwise readout, final state unused",
+          Z.ExclusiveGatedReadout, kinds={"loop_scan"})
     exact(rank, P, rec, "nn.CrossEntropyLoss (weight=None) and class weights + smoothing",
           Z.LossModules, Z.ids_and_labels(), kinds={"reduction"})
 

@@ -334,3 +334,52 @@ class SSDSharedBC(nn.Module):
         y1 = torch.einsum("btn,bsn,bhts,bshp->bthp", Cm, Bm, L, xh)
         y2 = (((Cm @ Bm.transpose(-1, -2)).unsqueeze(1) * L) @ xh.transpose(1, 2)).transpose(1, 2)
         return (y1 + y2).reshape(B, T, D)
+
+
+class RWKV4NaiveWKV(nn.Module):
+    """RWKV-4's naive WKV recurrence with its token shift: exclusive readout
+    ``(a + e^{u+k} v) / (b + e^{u+k})`` before ``a = w a + e^k v``, ``b = w b + e^k``; the final
+    states are unused (Dynamo drops the last update)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.time_decay = nn.Parameter(torch.linspace(-2, 1, d))
+        self.time_first = nn.Parameter(torch.full((d,), -1.2))
+        self.mix = nn.Parameter(torch.rand(d))
+        self.key, self.value = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.shift = nn.ZeroPad2d((0, 0, 1, -1))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        xx = self.shift(x)
+        xk = x * self.mix + xx * (1 - self.mix)
+        k, v = self.key(xk), self.value(x)
+        w = torch.exp(-torch.exp(self.time_decay))
+        a = torch.zeros(B, C)
+        b = torch.zeros(B, C)
+        out = []
+        for t in range(T):
+            kt, vt = k[:, t], v[:, t]
+            e = torch.exp(self.time_first + kt)
+            out.append((a + e * vt) / (b + e))
+            a = w * a + torch.exp(kt) * vt
+            b = w * b + torch.exp(kt)
+        return torch.stack(out, 1)
+
+
+class ExclusiveGatedReadout(nn.Module):
+    """``o_t = q_t * s`` before ``s = g_t * s + k_t`` (elementwise state, final unused)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.p = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, g = self.p(x).chunk(3, -1)
+        g = torch.sigmoid(g)
+        s = torch.zeros_like(x[:, 0])
+        out = []
+        for t in range(x.shape[1]):
+            out.append(q[:, t] * s)
+            s = g[:, t] * s + k[:, t]
+        return torch.stack(out, 1)

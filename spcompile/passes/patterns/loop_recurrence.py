@@ -444,6 +444,14 @@ class LoopRecurrence(Pattern):
                 # for the readout, post-processing of the final state): not the recurrence
                 trims[z] = extra
                 return self._match(gm, ctx, spans, reads, trims)
+            if extra < 0 and counts[-1] > 0 and len(set(counts[:-1])) == 1 and \
+                    trims.get(z, 0) < 8 and L.n > 2:
+                # the last step does less: an exclusive readout (o_t = q_t * s before s = g_t *
+                # s + k_t) whose final state is unused — Dynamo dropped the last update, and
+                # the last readout, of the state's shape, continued the chain. Cut it off: the
+                # last update is then rebuilt from the step before (see L.synth)
+                trims[z] = trims.get(z, 0) + counts[-1]
+                return self._match(gm, ctx, spans, reads, trims)
             if len(set(counts)) != 1:
                 hint = ""
                 if len(set(counts[:-1])) == 1 and 0 < counts[-1] < counts[0]:
