@@ -614,7 +614,8 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
                 continue
             hit = next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
             strong = any(a in mixed for a in node.all_input_nodes)
-            if hit is None and strong:
+            if hit is None and strong and canonical_name(node) not in ("mod", "remainder", "fmod"):
+                # (a modulus by the row count is arithmetic on row numbers: refused there)
                 hit = next((k for v, k in rows.items() if abs(float(c) - v) <= 1e-9 * v), None)
             if hit is None:
                 continue
