@@ -245,6 +245,19 @@ class Analyzer:
         if example.dim() > (dim if dim >= 0 else -dim - 1):
             d = dim % example.dim()
             T = int(example.shape[d])
+            lead = getattr(self, "_lead", None)
+            if not explicit and lead is not None and d == len(lead) and (
+                    len(example.shape[:d]) != len(lead) or
+                    any(int(a) not in (int(b), 1) for a, b in zip(example.shape[:d], lead))):
+                # a weight-like tensor (a function's [D, D] argument, an unregistered module
+                # attribute) whose dim happens to have the local length: its leading dims are
+                # not the batch of the sequence inputs
+                self.ctx.notes.append(
+                    f"input {user_name or node.name} (shape {tuple(example.shape)}) has the "
+                    f"sequence length on dim {d} but leading dims {tuple(example.shape[:d])}, "
+                    f"not the batch {tuple(lead)} of the other sequence inputs: treated as not "
+                    f"sequence-shaped (mark it with spcompile.mark_sequence(t, {d}) if wrong)")
+                return R
             if self.ctx.seq_len is None:
                 self.ctx.seq_len = T
                 return Shard(d)
@@ -351,6 +364,7 @@ class Analyzer:
         # values an earlier graph returned first: their placement fixes the sequence length
         # (after a graph break without one, the length of the graph that ran last does)
         order = sorted(range(len(placeholders)), key=lambda i: not produced[i])
+        self._lead = _batch_of_inputs(placeholders, examples, self.ctx.options)
         for i in order:
             if not produced[i] and resume and self.ctx.seq_len is None:
                 self.ctx.seq_len = last_seq_len()
@@ -1254,6 +1268,27 @@ def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard,
 
 
 _POINTWISE_CACHE: Dict[str, bool] = {}
+
+
+def _batch_of_inputs(placeholders, examples, opts) -> Optional[tuple]:
+    """The leading dims (before the sequence dim) of the sequence inputs: those of the
+    unmarked user input with the most dims (``x`` [B, T, D] over a [D, D] weight argument), or
+    None when that is ambiguous (no such input, or a tie of different leading dims)."""
+    d = opts.seq_dim
+    if not isinstance(d, int) or d < 0:
+        return None
+    best, lead, tie = -1, None, False
+    for n, ex in zip(placeholders, examples):
+        if not isinstance(ex, torch.Tensor) or isinstance(ex, torch.nn.Parameter) or \
+                _is_param_or_buffer(n) or ex.dim() <= d or \
+                getattr(ex, "_spcompile_seq_dim", "unset") != "unset":
+            continue
+        cur = tuple(int(v) for v in ex.shape[:d])
+        if ex.dim() > best:
+            best, lead, tie = ex.dim(), cur, False
+        elif ex.dim() == best and cur != lead:
+            tie = True
+    return None if tie else lead
 
 
 def _binary_max_min(node: fx.Node, name: str) -> bool:

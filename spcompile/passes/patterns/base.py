@@ -10,6 +10,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Set, Union
 
+import torch
 import torch.fx as fx
 
 from ..pipeline import Ctx, source_line
@@ -73,3 +74,16 @@ class Pattern:
 
     def rewrite(self, gm: fx.GraphModule, ctx: Ctx, match: Match) -> None:
         raise NotImplementedError
+
+
+def value_tol(values, default: float) -> float:
+    """Tolerance of a check by value on the example inputs: the pattern's own (structural
+    mismatches give errors of order one) for fp32/fp64 values, wider where the user's values
+    are in half precision (their rounding alone reaches a few 1e-3 in bf16), so that every rank
+    decides alike on its own shard."""
+    dts = {getattr(v, "dtype", None) for v in values}
+    if torch.bfloat16 in dts:
+        return max(default, 3e-2)
+    if torch.float16 in dts:
+        return max(default, 1e-2)
+    return default

@@ -21,7 +21,7 @@ from ...kernels.linear_scan.reference import chunked_linear_scan
 from ..graph_utils import canonical_name, evaluate, set_meta, shape
 from ..pipeline import Ctx
 from ..sequence_axis import Shard
-from .base import FailedMatch, Found, Match, Pattern
+from .base import FailedMatch, Found, Match, Pattern, value_tol
 
 _VIEWS = ("reshape", "view", "permute", "expand", "contiguous", "unsqueeze", "squeeze", "to",
           "float")
@@ -105,7 +105,9 @@ class CumsumLinearAttention(Pattern):
         if seq >= len(batch):
             return FailedMatch(self.name, anchor, "the cumsum runs over a feature dim")
         targets = [anchor, qr, k] + ([v] if v is not None else [])
-        vals = [t.double() for t in evaluate(gm, targets, ctx.example_inputs, ctx.values)]
+        raw = evaluate(gm, targets, ctx.example_inputs, ctx.values)
+        tol = value_tol(raw, 2e-3)
+        vals = [t.double() for t in raw]
         try:
             kval = vals[2] if v is not None else vals[2].unsqueeze(-1)
             ref = _cumsum_scan(vals[1], kval, vals[3] if v is not None else None, seq, batch,
@@ -113,7 +115,7 @@ class CumsumLinearAttention(Pattern):
         except Exception as e:  # noqa: BLE001 - a layout this pattern does not know
             return FailedMatch(self.name, anchor, f"cannot lay the roles out as a scan ({e})")
         err = ((ref - vals[0]).abs().max() / vals[0].abs().max().clamp_min(1e-6)).item()
-        if not err < 2e-3:
+        if not err < tol:
             return FailedMatch(self.name, anchor, f"values differ from a linear scan "
                                                   f"(relative error {err:.1e})")
         return Match(self.kind, self.name, anchor,

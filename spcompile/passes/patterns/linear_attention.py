@@ -32,7 +32,7 @@ from ..graph_utils import (ancestors, arg, canonical_name, evaluate, set_meta,
                            shape, tensor_val)
 from ..pipeline import Ctx
 from ..sequence_axis import ELEMENTWISE, Pair, Shard
-from .base import FailedMatch, Found, Match, Pattern
+from .base import FailedMatch, Found, Match, Pattern, value_tol
 
 _PASS_THROUGH = ELEMENTWISE | {"permute", "reshape", "view", "expand", "contiguous", "tril", "triu",
                                "unsqueeze", "squeeze", "to", "float"}
@@ -246,6 +246,7 @@ class MaskedLinearAttention(Pattern):
         targets = [anchor, a, s, qn, ktn] + ([v] if v is not None else []) + \
             ([decay_node[0]] if decay_node else [])
         vals = evaluate(gm, targets, ctx.example_inputs, ctx.values)
+        tol = value_tol(vals, 2e-3)
         O, A, S, Q, KT = (x.double() for x in vals[:5])
         if qk_batch is not None:  # scores [B, T, T] broadcast over heads as [B, 1, T, T]
             Q = Q.reshape(*qk_batch, *Q.shape[-2:])
@@ -308,7 +309,7 @@ class MaskedLinearAttention(Pattern):
         else:
             got = _flat_heads(O, B)
         err = (ref - got).abs().max().item() / max(got.abs().max().item(), 1e-6)
-        if not err < 2e-3:
+        if not err < tol:
             return self._refuse(f"values differ from a {kind}-decay linear scan (relative error "
                                 f"{err:.1e}): mask is not a causal decay mask")
         info["decay"] = kind

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..graph_utils import canonical_name, evaluate, set_meta, shape
 from ..pipeline import Ctx
 from ..sequence_axis import Pair, Shard
-from .base import FailedMatch, Found, Match, Pattern
+from .base import FailedMatch, Found, Match, Pattern, value_tol
 from .linear_attention import find_scores, user_inputs_reached
 from .sequence_ops import _finish, _sdpa_sp
 
@@ -77,8 +77,10 @@ class ManualSoftmaxAttention(Pattern):
                         nodes=chain | {s, sm, a, node}, info=found)
 
     def _check(self, gm, ctx, anchor, a, logits, s, v):
-        O, A, L, S, Q, KT, V = (x.double() for x in evaluate(
-            gm, [anchor, a, logits, s, s.args[0], s.args[1], v], ctx.example_inputs, ctx.values))
+        raw = evaluate(gm, [anchor, a, logits, s, s.args[0], s.args[1], v], ctx.example_inputs,
+                       ctx.values)
+        tol = value_tol(raw, 1e-3)
+        O, A, L, S, Q, KT, V = (x.double() for x in raw)
         T = A.shape[-1]
         upper = torch.ones(T, T, dtype=torch.bool).triu(1)
         causal = bool((A[..., upper].abs() <= 1e-12).all()) if T > 1 else True
@@ -94,7 +96,7 @@ class ManualSoftmaxAttention(Pattern):
         batch = tuple(torch.broadcast_shapes(A.shape[:-2], V.shape[:-2]))
         ref = _attend(Q, KT, V, batch, O.shape, causal, scale, "", "")
         err = ((ref - O).abs().max() / O.abs().max().clamp_min(1e-6)).item()
-        if not err < 1e-3:
+        if not err < tol:
             return (f"values differ from {'causal ' if causal else ''}softmax attention (relative "
                     f"error {err:.1e}): the mask is not a causal mask or the logits carry a bias")
         return {"causal": causal, "scale": scale, "batch": batch, "B": 1,
