@@ -74,3 +74,11 @@ def check_convolutions(rank, P, rec):
             text=("long convolution", "FFT"))
     _outcomes.gathered(rank, P, rec, "causal conv reaching past the previous rank",
                        Z.WideCausalConv, ops=("conv1d",), file="models_zoo6.py")
+
+
+def check_inputs_and_precision(rank, P, rec):
+    exact(rank, P, rec, "a [D, D] plain tensor attribute with D = T_local", Z.PlainTensorWeight,
+          kinds={"cumsum"})
+    exact(rank, P, rec, "bf16 normalised linear attention", lambda: Z.HalfLinearAttention().to(
+        torch.bfloat16), lambda: [torch.randn(2, 32, 16, dtype=torch.bfloat16)],
+          kinds={"linear_scan"}, tol=3e-2)

@@ -383,3 +383,31 @@ class ExclusiveGatedReadout(nn.Module):
             out.append(q[:, t] * s)
             s = g[:, t] * s + k[:, t]
         return torch.stack(out, 1)
+
+
+class PlainTensorWeight(nn.Module):
+    """An unregistered tensor attribute (not a Parameter or buffer) of shape [D, D] with D equal
+    to the local length: a weight, not a sequence input."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        torch.manual_seed(1)
+        self.W = torch.randn(d, d) * 0.3
+
+    def forward(self, x):
+        return (x @ self.W).cumsum(1)
+
+
+class HalfLinearAttention(nn.Module):
+    """Normalised causal linear attention run in bf16 parameters (the value check must accept
+    bf16 rounding on every rank alike)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        T = x.shape[1]
+        q, k, v = F.elu(self.qkv(x)).add(1).chunk(3, -1)
+        a = (q @ k.mT) * torch.tril(torch.ones(T, T, dtype=x.dtype))
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)

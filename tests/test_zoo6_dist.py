@@ -5,7 +5,8 @@ import pytest
 from dist_harness import assert_rows, run_checks
 
 P2 = ["check_reductions", "check_lengths", "check_scans", "check_loops_and_losses",
-      "check_training_surfaces", "check_length_indices", "check_convolutions"]
+      "check_training_surfaces", "check_length_indices", "check_convolutions",
+      "check_inputs_and_precision"]
 P4 = ["check_reductions", "check_scans", "check_loops_and_losses", "check_training_surfaces"]
 
 
