@@ -43,6 +43,8 @@ def check_loops_and_losses(rank, P, rec):
           Z.RWKV4NaiveWKV, kinds={"loop_scan", "halo"})
     exact(rank, P, rec, "exclusive elementwise readout, final state unused",
           Z.ExclusiveGatedReadout, kinds={"loop_scan"})
+    exact(rank, P, rec, "output buffer torch.zeros(...).to(q) written in a loop",
+          Z.CastOutputBuffer, kinds={"loop_scan"})
     exact(rank, P, rec, "nn.CrossEntropyLoss (weight=None) and class weights + smoothing",
           Z.LossModules, Z.ids_and_labels(), kinds={"reduction"})
 

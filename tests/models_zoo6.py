@@ -411,3 +411,23 @@ class HalfLinearAttention(nn.Module):
         q, k, v = F.elu(self.qkv(x)).add(1).chunk(3, -1)
         a = (q @ k.mT) * torch.tril(torch.ones(T, T, dtype=x.dtype))
         return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+class CastOutputBuffer(nn.Module):
+    """fla's ``torch_simple_gla`` recurrent reference: the output buffer made as
+    ``torch.zeros(B, H, T, V).to(q)`` and written step by step."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.qkv, self.g, self.h = nn.Linear(d, 3 * d), nn.Linear(d, heads), heads
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        g = F.logsigmoid(self.g(x)).transpose(1, 2)                       # [B, H, T]
+        S = torch.zeros(B, self.h, q.shape[-1], v.shape[-1])
+        o = torch.zeros(B, self.h, T, v.shape[-1]).to(q)
+        for i in range(T):
+            S = S * g[:, :, i].exp()[..., None, None] + k[:, :, i, :, None] * v[:, :, i, None, :]
+            o[:, :, i] = (q[:, :, i, :, None] * S).sum(-2)
+        return o.transpose(1, 2).reshape(B, T, D)

@@ -99,6 +99,22 @@ _FRESH = {"empty", "zeros", "ones", "full", "new_empty", "new_zeros", "new_ones"
           "empty_like", "zeros_like", "ones_like", "full_like"}
 
 
+_CASTS = {"to", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone"}
+
+
+def _is_fresh(n: fx.Node) -> bool:
+    """A fresh tensor, perhaps cast (fla's ``torch.zeros(B, H, T, V).to(q)``)."""
+    for _ in range(4):
+        name = canonical_name(n)
+        if name in _FRESH:
+            return True
+        if name not in _CASTS or not n.args or not isinstance(n.args[0], fx.Node) or \
+                len(n.args[0].users) != 1:
+            return False
+        n = n.args[0]
+    return False
+
+
 def _write_index(idx, sh: tuple, T: int, spans: Dict[Tuple[int, int], int], want: Optional[int]):
     """A write ``y[idx] = v`` into a buffer of shape ``sh``: → (dim, step, pattern) when exactly
     one entry (the one on dim ``want`` if given) takes a loop step's span of a length-``T`` axis;
@@ -642,7 +658,7 @@ class LoopRecurrence(Pattern):
         for base, ws in per_buf.items():
             where = source_line(ws[0][0]) or ws[0][0].name
             p = ctx.placements.get(base)
-            if canonical_name(base) not in _FRESH:
+            if not _is_fresh(base):
                 return (f"outputs written in place into {base.name} ({where}), which is not a "
                         f"fresh tensor made before the loop (torch.empty / zeros / new_zeros / "
                         f"zeros_like ...)")
