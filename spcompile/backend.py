@@ -63,7 +63,9 @@ class Options:
     verbose: print the pass records and matches for every compiled graph.
     length_constants: what to do at P > 1 with arithmetic on a sequence value whose constant
         equals the local length T (or 2T, 1/T, 1/(2T)), which is what a number computed from
-        ``x.shape[1]`` folds to: "error" (default), "warn" or "ignore".
+        ``x.shape[1]`` folds to (also inside ``torch.tensor(T)``, a ``T×T`` constant or a
+        modulus), and with an index or slice bound into the sequence in the upper half of the
+        shard (``x[:, T - 1]``): "error" (default), "warn" or "ignore".
     """
     group: Any = None
     seq_dim: int = 1
