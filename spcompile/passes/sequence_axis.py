@@ -245,8 +245,9 @@ class Analyzer:
         if example.dim() > (dim if dim >= 0 else -dim - 1):
             d = dim % example.dim()
             T = int(example.shape[d])
-            lead = getattr(self, "_lead", None)
-            if not explicit and lead is not None and d == len(lead) and (
+            lead, lead_nd = getattr(self, "_lead", None) or (None, 0)
+            if not explicit and lead is not None and d == len(lead) and \
+                    example.dim() < lead_nd and self.ctx.seq_len in (None, T) and (
                     len(example.shape[:d]) != len(lead) or
                     any(int(a) not in (int(b), 1) for a, b in zip(example.shape[:d], lead))):
                 # a weight-like tensor (a function's [D, D] argument, an unregistered module
@@ -1273,7 +1274,8 @@ _POINTWISE_CACHE: Dict[str, bool] = {}
 def _batch_of_inputs(placeholders, examples, opts) -> Optional[tuple]:
     """The leading dims (before the sequence dim) of the sequence inputs: those of the
     unmarked user input with the most dims (``x`` [B, T, D] over a [D, D] weight argument), or
-    None when that is ambiguous (no such input, or a tie of different leading dims)."""
+    None when that is ambiguous (no such input, or a tie of different leading dims). Returns
+    (leading dims, that input's number of dims)."""
     d = opts.seq_dim
     if not isinstance(d, int) or d < 0:
         return None
@@ -1288,7 +1290,7 @@ def _batch_of_inputs(placeholders, examples, opts) -> Optional[tuple]:
             best, lead, tie = ex.dim(), cur, False
         elif ex.dim() == best and cur != lead:
             tie = True
-    return None if tie else lead
+    return None if tie or lead is None else (lead, best)
 
 
 def _binary_max_min(node: fx.Node, name: str) -> bool:
