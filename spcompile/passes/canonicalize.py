@@ -28,8 +28,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import (canonical_name, eliminate_dead_code, inside_vmap, mutates, set_meta,
-                          shape, stateful, tensor_val, val)
+from .graph_utils import (FRESH_FILLS, canonical_name, eliminate_dead_code, inside_vmap, mutates,
+                          set_meta, shape, stateful, tensor_val, val)
 from .pipeline import Ctx, register_pass
 
 _METHODS_TO_FUNCTIONS = {
@@ -266,16 +266,11 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
         _replace(gm, node, new)
 
 
-_FRESH = {"zeros_like": 0.0, "new_zeros": 0.0, "zeros": 0.0, "ones_like": 1.0,
-          "new_ones": 1.0, "ones": 1.0, "empty_like": 0.0, "new_empty": 0.0, "empty": 0.0,
-          "full_like": None, "new_full": None, "full": None}
-
-
 def _fill_value(buf: fx.Node):
     """The value a fresh buffer is filled with (``zeros_like`` 0, ``full(size, v)`` v; the
     unwritten part of an ``empty`` buffer is unspecified: 0), or None if unknown."""
     name = canonical_name(buf)
-    v = _FRESH.get(name, "no")
+    v = FRESH_FILLS.get(name, "no")
     if v == "no":
         return None
     if v is None:
@@ -375,8 +370,8 @@ def _index_at(dim: int, item: Any, nd: int) -> tuple:
 
 def _from_user_gather(node: fx.Node) -> bool:
     from .graph_utils import ancestors
-    return any(canonical_name(a) in ("spcompile::gather_sequence", "spcompile::gather_sequence_rs")
-               for a in ancestors(node))
+    from .sequence_axis import _USER_GATHERS
+    return any(canonical_name(a) in _USER_GATHERS for a in ancestors(node))
 
 
 def _slicing_spellings(gm: fx.GraphModule) -> None:

@@ -147,10 +147,9 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
         except Exception as e:  # noqa: BLE001 - reported below
             err = e
     if err is not None:
-        e = err
         raise SequenceParallelError(
             f"spcompile: {where} mixes tokens along the sequence ({reason}); gathering the "
-            f"sequence around it failed ({type(e).__name__}: {e}). It probably uses sizes of the "
+            f"sequence around it failed ({type(err).__name__}: {err}). It probably uses sizes of the "
             f"local shard. Compute it from shapes at run time or declare the layer with an "
             f"spcompile annotation. (If this graph starts after a graph break, an input that "
             f"eager code made between the graphs may have been taken for sequence-shaped by its "
@@ -354,33 +353,69 @@ def _length_constant(c: fx.Node, ctx: Ctx, memo: Dict[fx.Node, bool]) -> bool:
     return ok
 
 
+def _length_suspects(T: Optional[int]) -> Dict[float, str]:
+    """The numbers a length folded to this rank's ``T`` shows up as."""
+    if not T or T < 2:
+        return {}
+    return {float(T): "T", float(2 * T): "2·T", 1.0 / T: "1/T", 1.0 / (2 * T): "1/(2·T)"}
+
+
+def _suspect(c: Any, suspects: Dict[float, str]) -> Optional[str]:
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        return None
+    return next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
+
+
+def report_local_length(ctx: Ctx, msg: str, strong: bool = True) -> None:
+    """A local-length constant found: an error under ``length_constants="error"`` where it
+    matters (``strong``), else a warning; nothing with ``"ignore"``."""
+    mode = getattr(ctx.options, "length_constants", "error")
+    if mode == "ignore":
+        return
+    if mode == "error" and strong:
+        raise SequenceParallelError(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
+def local_length_index(ctx: Ctx, node: fx.Node, i: Any, n: int, what: str = "index") -> None:
+    """A non-negative index or slice bound into the sequence in the upper half of the shard
+    (``x[:, T - 1]``, ``x.size(1) - 1``, ``x[:, 4:T - 4]``) is almost surely computed from the
+    length, which is folded to the LOCAL one in the graph: position 15 of 16 is this rank's
+    last token, while the user meant the sequence's. An error (``length_constants``: ``warn``,
+    ``ignore`` take the index as a global position). Negative indices (``x[:, -1]``) say it."""
+    if not isinstance(i, int) or isinstance(i, bool) or not n // 2 < i < n:
+        return
+    report_local_length(ctx, (
+        f"spcompile: the {what} {i} into the sequence at {source_line(node) or node.name} "
+        f"is {n - i} before this rank's local length T = {n}: if it was computed from the "
+        f"length (x[:, T - 1], x.size(1) - {n - i}), it is the LOCAL length here and the "
+        f"sharded result would be wrong. Count from the end with a negative index "
+        f"(x[:, -{n - i}], x[:, :-{n - i}]), or pass options={{'length_constants': "
+        f"'ignore'}} if {i} is a fixed position of the whole sequence."))
+
+
 def _length_number_in_constant(node: fx.Node, ctx: Ctx) -> None:
     """``torch.tril(torch.ones(T, T)) / T``: the number is the LOCAL length folded into the
     graph, and the global program divides by the global one; spcompile sees only the number,
     so such a constant cannot be rebuilt for the global length. An error (option
     ``length_constants``: ``warn`` / ``ignore`` take the number literally)."""
-    mode = getattr(ctx.options, "length_constants", "error")
     T = ctx.seq_len
-    if mode == "ignore" or canonical_name(node) not in _ARITH or not T or T < 2:
+    suspects = _length_suspects(T)
+    if canonical_name(node) not in _ARITH or not suspects:
         return
-    suspects = {float(T): "T", float(2 * T): "2·T", 1.0 / T: "1/T", 1.0 / (2 * T): "1/(2·T)"}
     for c in list(node.args) + list(node.kwargs.values()):
-        if isinstance(c, bool) or not isinstance(c, (int, float)):
-            continue
-        hit = next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
+        hit = _suspect(c, suspects)
         if hit is None:
             continue
-        msg = (f"spcompile: the constant {c} in {canonical_name(node)} at "
+        report_local_length(ctx, (
+               f"spcompile: the constant {c} in {canonical_name(node)} at "
                f"{source_line(node) or node.name} equals {hit} for this rank's local length "
                f"T = {T}, in a constant built from the sequence length (a mask or weights "
                f"made with torch.ones(T, ...) / torch.tril ...). If the number was computed "
                f"from the sequence length, it is the LOCAL length here and the sharded result "
                f"would be wrong: spcompile only sees the folded number. Compute it from a "
                f"tensor (e.g. m.sum(-1, keepdim=True) of the mask itself), or pass "
-               f"options={{'length_constants': 'ignore'}} if it does not come from the length.")
-        if mode == "error":
-            raise SequenceParallelError(msg)
-        warnings.warn(msg, stacklevel=2)
+               f"options={{'length_constants': 'ignore'}} if it does not come from the length."))
 
 
 def _aligned_dims(c: fx.Node, u: fx.Node, p, T: int) -> list:
@@ -437,23 +472,22 @@ def _globalize_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
                     continue
                 if glob is c:
                     continue
-                made = True
+                made = True  # (an unused rebuild is removed at the end)
+                try:
+                    whole, local = evaluate(gm, [glob, c], ctx.example_inputs, {})
+                    blocks = [_rank_block(whole, dims, r * T, T) for r in range(P)]
+                    # every rank's block is the local value (nothing to do; decided for all
+                    # ranks alike, so that every rank compiles the same graph), or another
+                    # local-length axis that is not the sequence's (x[..., None].repeat(...,
+                    # T) masked with a tril(T, T))
+                    skip = any(b.shape != local.shape for b in blocks) or \
+                        all(torch.equal(b, local) for b in blocks)
+                except Exception:  # noqa: BLE001 - values unknown: leave it
+                    skip = True
+                if skip:
+                    continue
                 blk = gm.graph.call_function(_rank_block, (glob, tuple(dims), ctx.rank * T, T))
                 set_meta(blk)
-            try:
-                whole, local = evaluate(gm, [glob, c], ctx.example_inputs, {})
-                blocks = [_rank_block(whole, dims, r * T, T) for r in range(P)]
-            except Exception:  # noqa: BLE001 - values unknown: leave it
-                local, blocks = None, []
-            if not isinstance(local, torch.Tensor) or any(
-                    not isinstance(b, torch.Tensor) or b.shape != local.shape for b in blocks) \
-                    or all(torch.equal(b, local) for b in blocks):
-                # every rank's block is the local value (nothing to do; decided for all ranks
-                # alike, so that every rank compiles the same graph), or another local-length
-                # axis that is not the sequence's (x[..., None].repeat(..., T) masked with a
-                # tril(T, T))
-                gm.graph.erase_node(blk)
-                continue
             blk.meta["spcompile_placement"] = Replicate()
             u.replace_input_with(c, blk)
     if made:
@@ -497,7 +531,6 @@ def _globalize_sizes(node: fx.Node, gdims: Dict[fx.Node, int], ctx: Ctx) -> set:
                 cur += nd - n_real
             elif i is not None:
                 if cur == d and isinstance(i, slice) and i.step in (None, 1):
-                    from .patterns.sequence_ops import local_length_index
                     for b in (i.start, i.stop):
                         if isinstance(b, int) and b % T:
                             local_length_index(ctx, node, b, T, "slice bound")
@@ -588,8 +621,7 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
     if mode == "ignore" or ((not T or T < 2) and not tokens):
         return
     pl = ctx.placements
-    suspects = {float(T): "T", float(2 * T): "2·T", 1.0 / T: "1/T",
-                1.0 / (2 * T): "1/(2·T)"} if T and T >= 2 else {}
+    suspects = _length_suspects(T)
     rows = {}  # multiples of the flattened token counts: suspect on mixed values only
     for n in tokens:
         if n != T and n >= 2:
@@ -610,13 +642,11 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
                 a in derived for a in node.all_input_nodes):
             continue
         for c in [_literal(a) for a in list(node.args) + list(node.kwargs.values())]:
-            if isinstance(c, bool) or not isinstance(c, (int, float)):
-                continue
-            hit = next((k for v, k in suspects.items() if abs(float(c) - v) <= 1e-9 * v), None)
+            hit = _suspect(c, suspects)
             strong = any(a in mixed for a in node.all_input_nodes)
             if hit is None and strong and canonical_name(node) not in ("mod", "remainder", "fmod"):
                 # (a modulus by the row count is arithmetic on row numbers: refused there)
-                hit = next((k for v, k in rows.items() if abs(float(c) - v) <= 1e-9 * v), None)
+                hit = _suspect(c, rows)
             if hit is None:
                 continue
             where = source_line(node) or node.name
@@ -634,9 +664,7 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
                    f"from a tensor instead (e.g. torch.arange(T), a mean over the sequence)"
                    f"{moe}, or pass options={{'length_constants': 'ignore'}} if the number "
                    f"does not come from the sequence length.")
-            if mode == "error" and strong:
-                raise SequenceParallelError(msg)
-            warnings.warn(msg, stacklevel=2)
+            report_local_length(ctx, msg, strong)
 
 
 def _literal(a: Any) -> Any:

@@ -177,6 +177,13 @@ _METHOD_ALIASES = {"mm": "matmul", "bmm": "matmul", "__matmul__": "matmul", "mul
                    "mT": "mT"}
 
 
+# fresh tensors and what they are filled with (None: the ``full`` value argument; ``empty``
+# is unspecified, taken as 0): output buffers of loops, shifts written into a fresh buffer
+FRESH_FILLS = {"zeros_like": 0.0, "new_zeros": 0.0, "zeros": 0.0, "ones_like": 1.0,
+               "new_ones": 1.0, "ones": 1.0, "empty_like": 0.0, "new_empty": 0.0, "empty": 0.0,
+               "full_like": None, "new_full": None, "full": None}
+
+
 def canonical_name(node: fx.Node) -> Optional[str]:
     """One name per op whatever its spelling: 'matmul', 'mul', 'tril', 'cumsum', ..."""
     if node.op == "call_method":

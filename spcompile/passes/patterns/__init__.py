@@ -15,7 +15,8 @@ def all_patterns():
     return [cls() for cls in REGISTRY]
 
 
-REGISTRY = [MaskedLinearAttention, ConstantCausalMix, ManualSoftmaxAttention, SDPAttention, CausalConv1d, TokenShift,
+REGISTRY = [MaskedLinearAttention, ConstantCausalMix, ManualSoftmaxAttention, SDPAttention,
+            CausalConv1d, TokenShift,
             SequenceRoll, SequenceFlip, ShapeOnlySlice, PaddedWindows, SequenceDiff, Positions,
             SequenceReduction, ShiftedLoss, CrossEntropy, SequenceIndex, SequenceSoftmax,
             CumsumLinearAttention, LeadingRowScan, SequenceScan, FixedPositionWrite]

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from ... import ops as spops
-from ..graph_utils import evaluate, set_meta, shape, canonical_name
+from ..graph_utils import canonical_name, evaluate, set_meta, shape
 from ..pipeline import Ctx
 from ..sequence_axis import Pair, Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
@@ -51,11 +51,6 @@ def _global_value(gm: fx.GraphModule, ctx: Ctx, c: fx.Node, user: fx.Node
             gm.graph.erase_node(n)
             made.remove(n)
     return value
-
-
-def _rank_rows(r: torch.Tensor, start: int, length: int):
-    """This rank's rows of the row scale: a literal ``[N, T_local]`` constant."""
-    return r[:, start:start + length]
 
 
 def _mix(x, r, log_gamma, batch, out_shape, chunk_size: int, strategy: str, group_name: str,

@@ -37,8 +37,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_utils import (ancestors, arg, canonical_name, mutates, seq_span, set_meta, shape,
-                           tensor_val, tiles_axis)
+from ..graph_utils import (FRESH_FILLS, ancestors, arg, canonical_name, mutates, seq_span,
+                           set_meta, shape, tensor_val, tiles_axis)
 from ..pipeline import Ctx, source_line
 from ..sequence_axis import Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
@@ -95,8 +95,7 @@ def _missing_last(spans, T: int) -> Optional[tuple]:
 
 
 # fresh tensors an output buffer may be (its content before the loop's writes is overwritten)
-_FRESH = {"empty", "zeros", "ones", "full", "new_empty", "new_zeros", "new_ones", "new_full",
-          "empty_like", "zeros_like", "ones_like", "full_like"}
+_FRESH = set(FRESH_FILLS)
 
 
 _CASTS = {"to", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone"}

@@ -22,8 +22,7 @@ At P = 1 every family still matches (``explain`` shows it) but there is nothing 
 from __future__ import annotations
 
 import operator
-import warnings
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -222,7 +221,8 @@ class CausalConv1d(Pattern):
     kind = "halo"
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
-        pl = ctx.placements
+        from ..fallback import SequenceParallelError, _length_constant
+        pl, memo = ctx.placements, {}
         for node, _ in _mixing(ctx, "conv1d"):
             x, w = node.args[0], node.args[1]
             px = pl.get(x)
@@ -237,21 +237,19 @@ class CausalConv1d(Pattern):
                 yield FailedMatch(self.name, node, "strided convolution along the sequence")
                 continue
             bias = arg(node, 2, "bias")
-            from ..fallback import _length_constant
-            memo: dict = {}
             for t in (w, bias):
                 if not isinstance(t, fx.Node):
                     continue
                 if not isinstance(pl.get(t), Replicate) or _length_constant(t, ctx, memo):
-                    from ..fallback import SequenceParallelError
                     raise SequenceParallelError(
                         f"spcompile: the convolution at {source_line(node) or node.name} has a "
                         f"kernel built from the sequence (from positions, or cut to the local "
                         f"length {ctx.seq_len}, kernel {k}): a long convolution whose kernel "
                         f"grows with the sequence (S4 / Hyena's convolution view) has no "
-                        f"sharded form here. Compute it with an FFT (spcompile gathers the sequence around "
-                        f"it), or run the layer on the whole sequence: spcompile.shard_sequence("
-                        f"layer(spcompile.gather_sequence(x, grad='reduce_scatter'))).")
+                        f"sharded form here. Compute it with an FFT (spcompile gathers the "
+                        f"sequence around it), or run the layer on the whole sequence: "
+                        f"spcompile.shard_sequence(layer(spcompile.gather_sequence(x, "
+                        f"grad='reduce_scatter'))).")
             if ctx.seq_len and width > ctx.seq_len:
                 yield FailedMatch(self.name, node, f"the kernel reaches {width} tokens back, "
                                                    f"beyond the previous rank ({ctx.seq_len} "
@@ -609,8 +607,7 @@ class SequenceRoll(Pattern):
                 continue
             n = sx[px.dim]
             T = n * max(ctx.world_size, 1)
-            mode = getattr(ctx.options, "length_constants", "error")
-            if (shifts % n == 0 or 2 * abs(shifts) == n) and mode != "ignore":
+            if shifts % n == 0 or 2 * abs(shifts) == n:
                 # torch.roll(x, T) / roll(x, T // 2) with T = x.shape[1]: Dynamo folded the
                 # LOCAL length into the number; a literal of that size is a coincidence
                 msg = (f"spcompile: torch.roll by {shifts} at {source_line(node) or node.name} "
@@ -619,11 +616,8 @@ class SequenceRoll(Pattern):
                        f"length), and the roll of the global sequence would be by another "
                        f"amount. Roll by a number that does not come from the length, or pass "
                        f"options={{'length_constants': 'ignore'}} if it is a literal.")
-                if mode == "error":
-                    from ..fallback import SequenceParallelError
-                    raise SequenceParallelError(msg)
-                import warnings
-                warnings.warn(msg)
+                from ..fallback import report_local_length
+                report_local_length(ctx, msg)
             s = shifts % T
             s = s if s < n else s - T if T - s < n else None
             if s is None:
@@ -1299,27 +1293,6 @@ def _from_owner(y, owner: int, group_name: str):
     return torch.ops.spcompile.allreduce(keep, "sum", group_name)
 
 
-def local_length_index(ctx: Ctx, node: fx.Node, i: Any, n: int, what: str = "index") -> None:
-    """A non-negative index or slice bound into the sequence in the upper half of the shard
-    (``x[:, T - 1]``, ``x.size(1) - 1``, ``x[:, 4:T - 4]``) is almost surely computed from the
-    length, which is folded to the LOCAL one in the graph: position 15 of 16 is this rank's
-    last token, while the user meant the sequence's. An error (``length_constants``: ``warn``,
-    ``ignore`` take the index as a global position). Negative indices (``x[:, -1]``) say it."""
-    mode = getattr(ctx.options, "length_constants", "error")
-    if mode == "ignore" or not isinstance(i, int) or isinstance(i, bool) or not n // 2 < i < n:
-        return
-    msg = (f"spcompile: the {what} {i} into the sequence at {source_line(node) or node.name} "
-           f"is {n - i} before this rank's local length T = {n}: if it was computed from the "
-           f"length (x[:, T - 1], x.size(1) - {n - i}), it is the LOCAL length here and the "
-           f"sharded result would be wrong. Count from the end with a negative index "
-           f"(x[:, -{n - i}], x[:, :-{n - i}]), or pass options={{'length_constants': "
-           f"'ignore'}} if {i} is a fixed position of the whole sequence.")
-    if mode == "error":
-        from ..fallback import SequenceParallelError
-        raise SequenceParallelError(msg)
-    warnings.warn(msg, stacklevel=2)
-
-
 class SequenceIndex(Pattern):
     """``h[:, -1]``, ``h[:, 0]`` (last-token / CLS pooling), ``h[:, :1]`` / ``h[:, -1:]``: one
     token picked by a constant index (or a one-token slice) along the sequence. The index is a global position; the rank that holds it
@@ -1361,6 +1334,7 @@ class SequenceIndex(Pattern):
             i = idx[pos]
             at = i if isinstance(i, int) else (i.start or 0)
             if n == ctx.seq_len:
+                from ..fallback import local_length_index
                 local_length_index(ctx, node, at, n)
             yield Match(self.kind, self.name, node, info={
                 "index": at, "pos": pos,
