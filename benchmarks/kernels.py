@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                 # every decay kind, T in {8192, 32768}
     python benchmarks/kernels.py --check         # Triton vs fp64 reference on CUDA first
     python benchmarks/kernels.py --T 8192 --kinds scalar --no-fla --jsonl out.jsonl
+    python benchmarks/kernels.py --T 32768 --kinds none scalar --profile   # per-kernel split
 
 Shapes follow ANCHORS.md: B=1, H=16, K=V=128, bf16, ``[B, T, H, D]``. For each (T, decay kind,
 forward | forward+backward) it prints milliseconds (``triton.testing.do_bench``, median) of
@@ -233,6 +234,70 @@ def run_check(args) -> bool:
     return ok
 
 
+def kernel_times(fn: Callable, inputs, fwd_bwd: bool, iters: int = 10) -> List[Dict]:
+    """Per-kernel time of ``iters`` calls under ``torch.profiler``: [{kernel, calls, us/call}],
+    slowest first. (CPU smoke runs profile CPU ops instead: the plumbing, not the numbers.)"""
+    from torch.profiler import ProfilerActivity, profile
+    q, k, v, ld = inputs
+    leaves = [x.detach().requires_grad_() if x is not None and x.is_floating_point() else x
+              for x in inputs]
+    do = torch.randn_like(v)
+
+    def once():
+        if fwd_bwd:
+            fn(*leaves).backward(do)
+        else:
+            with torch.no_grad():
+                fn(q, k, v, ld)
+    for _ in range(3):  # compile, autotune, warm up outside the profile
+        once()
+    cuda = q.is_cuda
+    acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            once()
+        if cuda:
+            torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        if cuda:  # kernels only: CPU-side ops also carry their children's device time
+            if getattr(getattr(e, "device_type", None), "name", "CUDA") != "CUDA":
+                continue
+            tot = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        else:
+            tot = e.self_cpu_time_total
+        if tot > 0:
+            out.append({"kernel": e.key[:60], "calls": max(1, e.count // iters),
+                        "us_per_iter": round(tot / iters, 1)})
+    out.sort(key=lambda r: -r["us_per_iter"])
+    return out[:12]
+
+
+def run_profile(args) -> None:
+    """Where the time goes: spcompile's kernels next to fla's, per (T, kind, mode) asked for."""
+    B, H, K, V, dev, dt = 1, args.H, args.D, args.D, args.device, torch.bfloat16
+    for T in args.T:
+        for kind in args.kinds:
+            inputs = make(kind, B, T, H, K, V, dt, dev)
+            for fb in (False, True):
+                for name, f in (("spcompile", sp_fn),
+                                ("fla", None if args.no_fla else fla_fn(kind))):
+                    if f is None:
+                        continue
+                    try:
+                        ks = kernel_times(f, inputs, fb)
+                    except Exception as e:
+                        ks = [{"error": f"{type(e).__name__}: {str(e)[:160]}"}]
+                    line = {"profile": name, "T": T, "kind": kind,
+                            "mode": "fwd+bwd" if fb else "fwd", "kernels": ks}
+                    print(json.dumps(line), flush=True)
+                    if args.jsonl:
+                        with open(args.jsonl, "a") as fh:
+                            fh.write(json.dumps(line) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 32768])
@@ -247,6 +312,9 @@ def main() -> None:
                          "(SPCOMPILE_TRITON_AUTOTUNE=0) instead of the autotuned ones")
     ap.add_argument("--quick", action="store_true",
                     help="fewer check cases (short device leases)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the table, per-kernel times (torch.profiler) of spcompile and fla "
+                         "for every --T/--kinds case: which kernel loses the time")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny CPU run of this script's plumbing (needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
@@ -289,6 +357,9 @@ def main() -> None:
         if args.jsonl:
             with open(args.jsonl, "a") as fh:
                 fh.write(json.dumps({"tuned": key, "cfg": cfg}) + "\n")
+    if args.profile:
+        print("\nper-kernel times (us per call of the op, torch.profiler):")
+        run_profile(args)
 
 
 if __name__ == "__main__":
