@@ -200,6 +200,24 @@ def _static_recompiles() -> None:
         cfg.fail_on_recompile_limit_hit = True
 
 
+def _trace_rnns() -> None:
+    """Let Dynamo put ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` into the graph (``allow_rnn``).
+
+    By default Dynamo breaks the graph at those modules and runs them eagerly, where spcompile
+    cannot see them: on a shard of the sequence each rank's recurrence would restart from a zero
+    state, silently wrong. Traced, they reach the fallback like any other op that mixes tokens
+    with no pattern (gathered, with a warning; refused under ``strict=True``). Set when
+    spcompile is imported, i.e. before Dynamo traces anything for the ``sp`` backend; it is a
+    process-wide Dynamo setting (it only changes how other backends see those three modules).
+    """
+    import torch._dynamo.config as cfg
+    if hasattr(cfg, "allow_rnn"):
+        cfg.allow_rnn = True
+
+
+_trace_rnns()
+
+
 class SPBackend:
     """A configured backend: ``torch.compile(model, backend=SPBackend(opts))``."""
 

@@ -73,6 +73,23 @@ def _allreduce_partial(gm: fx.GraphModule, ctx: Ctx, node: fx.Node) -> None:
                              reason="a sum over the sequence: all-reduced where it is made"))
 
 
+def _from_pair_shape(n: fx.Node, pl, memo: Dict[fx.Node, bool]) -> bool:
+    """A replicated value built from the shape of a ``T×T`` value (``ones_like(scores)``, then
+    ``.tril()``, ``== 0``): this rank's block of a global constant, to rebuild globally."""
+    if n in memo:
+        return memo[n]
+    memo[n] = False
+    if not isinstance(pl.get(n), Replicate) or n.op != "call_function" and n.op != "call_method":
+        return False
+    from .sequence_axis import _SHAPE_LIKE
+    ins = n.all_input_nodes
+    if canonical_name(n) in _SHAPE_LIKE:
+        memo[n] = bool(ins) and isinstance(pl.get(ins[0]), Pair)
+    else:
+        memo[n] = any(_from_pair_shape(a, pl, memo) for a in ins)
+    return memo[n]
+
+
 def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> None:
     pl = ctx.placements
     op = canonical_name(node) or str(node.target)
@@ -114,9 +131,10 @@ def _gather_around(gm: fx.GraphModule, ctx: Ctx, node: fx.Node, reason: str) -> 
             p = pl.get(a)
             if isinstance(p, Shard):
                 gathered[a] = rebuild.gather(a, p.dim)
-            elif isinstance(p, Pair):
+            elif isinstance(p, Pair) or _from_pair_shape(a, pl, {}):
                 # a rank only holds the diagonal block of a T×T value: recompute the value
-                # from the gathered sequence (global positions, global masks)
+                # from the gathered sequence (global positions, global masks; constants
+                # shaped like it, ``zeros_like(scores)``)
                 gathered[a] = rebuild(a)
         # constants made with the local length (``tril(ones(T, T)) @ x``): the global
         # program makes them with the global length (tried first; kept as they are if the

@@ -1,6 +1,7 @@
 """Small helpers shared by the passes: op identity, example values, concrete evaluation."""
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Any, Dict, Iterable, List, Optional, Set
 
@@ -328,10 +329,25 @@ def run_node_on_values(node: fx.Node, env_val=val) -> Any:
             return x
         args = fx.node.map_aggregate(args, fk)
         kwargs = fx.node.map_aggregate(kwargs, fk)
-        with mode:
+        with mode, _quiet_fake_errors():
             return call()
     with torch.no_grad():
         return call()
+
+
+class _quiet_fake_errors:
+    """Silence FakeTensorMode's ERROR log of a failing meta function: the passes try ops on
+    candidate shapes (a gathered input, a constant rebuilt with the global length) and report
+    the failures they cannot recover from in their own error."""
+
+    def __enter__(self):
+        self.log = logging.getLogger("torch._subclasses.fake_tensor")
+        self.level = self.log.level
+        self.log.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.log.setLevel(self.level)
+        return False
 
 
 def _autocast_at(node: fx.Node):

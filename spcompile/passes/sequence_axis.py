@@ -34,6 +34,12 @@ from .graph_utils import ancestors as _ancestors, arg, canonical_name, shape, te
 from .pipeline import Ctx, register_pass
 
 
+# fresh tensors shaped like their input (its values are not read)
+_SHAPE_LIKE = {"ones_like", "zeros_like", "full_like", "empty_like"}
+# torch's fused recurrent layers (traced since spcompile sets Dynamo's allow_rnn): gathered
+_RNN_OPS = {"gru": "nn.GRU", "lstm": "nn.LSTM", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN"}
+
+
 @dataclass(frozen=True)
 class Replicate:
     def __str__(self) -> str:
@@ -385,6 +391,9 @@ class Analyzer:
             try:
                 p = self.rule(node)
             except Exception as e:  # a rule that cannot decide must not pass silently
+                from .fallback import SequenceParallelError
+                if isinstance(e, SequenceParallelError):  # a rule's own refusal
+                    raise
                 if any(not isinstance(self.get(a), Replicate) for a in node.all_input_nodes):
                     p = Mixing(f"could not analyse {canonical_name(node)}: {e}")
                 else:
@@ -440,6 +449,14 @@ class Analyzer:
         if name in _LIKE_OTHER and node.args and isinstance(node.args[0], fx.Node):
             # P.type_as(x), P.to(x): the other tensor lends only its dtype/device
             return self.get(node.args[0])
+        if name == "getitem" and isinstance(node.args[0], fx.Node) and \
+                canonical_name(node.args[0]) in _RNN_OPS and node.args[0] in self.mixing:
+            # (output, h_n[, c_n]) of a gathered nn.GRU / LSTM / RNN: the output runs along the
+            # sequence like the input (this rank's part of it), the final states are global
+            src = self.get(node.args[0].args[0])
+            if node.args[1] == 0 and isinstance(src, Shard):
+                return Shard(src.dim)
+            return R
         ins = node.all_input_nodes
         ps = [self.get(a) for a in ins]
         if name in _USER_GATHERS:
@@ -449,6 +466,10 @@ class Analyzer:
             if p is not None:
                 return p
         if all(isinstance(p, Replicate) for p in ps):
+            return R
+        if name in _SHAPE_LIKE and ps and isinstance(ps[0], Pair) and len(ps) == 1:
+            # ones_like(scores): a rank's block of the global constant is the constant of its
+            # block, like torch.ones(T, T) built with the local length (then a mask by value)
             return R
         if any(isinstance(p, Mixing) for p in ps):
             return Mixing("input is mixed", None)
@@ -497,6 +518,9 @@ class Analyzer:
             return self.reduction(node, name)
         if name in ELEMENTWISE or _is_pointwise(name):
             return self.elementwise(node)
+        if name in _RNN_OPS:
+            return Mixing(f"a nonlinear recurrence over the sequence ({_RNN_OPS[name]}) has no "
+                          f"sequence-parallel form")
         return Mixing(f"no rule for {name} on a sharded value")
 
     # -------------------------------------------------------- rules
@@ -660,6 +684,26 @@ class Analyzer:
             return Mixing(f"reshape regroups the rows sorted at {self.sort_line(p.order)} (on a "
                           f"rank, consecutive sorted rows are not those of the full sequence)")
         q = _map_reshape(ish, osh, p, self.ctx.seq_len)
+        split = _sequence_split(node, ish, osh, p)
+        if split is not None:
+            inferred, j, m = split
+            if inferred > 0:  # view(B, 2, -1, D): the block is a fraction of the LENGTH
+                from .fallback import SequenceParallelError
+                from .pipeline import source_line
+                raise SequenceParallelError(
+                    f"spcompile: {canonical_name(node)} at {source_line(node) or node.name} "
+                    f"splits the sequence into a fixed number of blocks ({tuple(osh[j:j + m])} "
+                    f"here, the block size -1 inferred from the length): on the whole sequence each "
+                    f"block holds {self.ctx.world_size}x the tokens it holds here and spans "
+                    f"ranks, so ops within a block would need other ranks' tokens in a way "
+                    f"spcompile does not rewrite. Use "
+                    f"blocks of a fixed size with the count inferred (x.view(B, -1, C, D): "
+                    f"blocks stay inside a rank), or compute the layer on the whole sequence "
+                    f"(outside the sequence-parallel model).")
+            if inferred == 0:  # view(B, -1, C, D): fixed blocks, their count is the shard's
+                if osh[j] == 1:
+                    self.unit_chunks[node] = j
+                return Shard(j)
         if isinstance(q, Shard) and not q.merged and q.dim > 0 and osh[q.dim - 1] == 1 and \
                 len(osh) == len(ish) + 1 and osh[q.dim] == ish[p.dim] and \
                 tuple(osh[:q.dim - 1]) == tuple(ish[:p.dim]):
@@ -1063,7 +1107,29 @@ class Analyzer:
         return Mixing(f"outer of {pa} and {pb}")
 
     def sdpa(self, node: fx.Node) -> Placement:
-        return Mixing("attention over the sequence", _nd(node) - 2)
+        """Attention over dim -2. When q, k and v are sharded on another (batch) dim — blocks of
+        the sequence ``x.view(B, T // C, C, D)`` attending within each block — it is local to
+        each block; otherwise it mixes the sequence (the attention patterns take it)."""
+        nd = _nd(node)
+        q = arg(node, 0, "query")
+        p = self.get(q) if isinstance(q, fx.Node) else None
+        if isinstance(p, Shard) and not (p.merged or p.rows or p.order) and p.dim < nd - 2:
+            d_right = nd - p.dim  # the sharded dim, counted from the right
+            ok = True
+            for a in node.all_input_nodes:
+                pa, sa = self.get(a), shape(a)
+                if sa is None:
+                    continue
+                if isinstance(pa, Shard):
+                    ok &= not (pa.merged or pa.rows or pa.order) and \
+                        len(sa) - pa.dim == d_right and sa[pa.dim] == shape(q)[p.dim]
+                elif isinstance(pa, Replicate):
+                    ok &= len(sa) < d_right or sa[len(sa) - d_right] == 1
+                else:
+                    ok = False
+            if ok:
+                return Shard(p.dim)
+        return Mixing("attention over the sequence", nd - 2)
 
     def conv1d(self, node: fx.Node) -> Placement:
         """A pointwise ``conv1d`` (kernel 1, stride 1, no padding: Conformer's and Mamba's
@@ -1217,6 +1283,57 @@ def _outer(shards: List[Tuple[int, tuple]], d0: int, d1: int) -> bool:
         if shp[other] != 1:
             return False
     return True
+
+
+def _size_args(node: fx.Node, ish: Sequence[int]) -> Optional[List[Any]]:
+    """The sizes a ``view`` / ``reshape`` / ``unflatten`` node was called with, one per output
+    dim (ints, possibly -1), or None when they are not literal."""
+    name = canonical_name(node)
+    if name in ("view", "reshape"):
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = sizes[0]
+        sizes = arg(node, 1, "shape", None) if not sizes else sizes
+    elif name == "unflatten":
+        d, inner = arg(node, 1, "dim"), arg(node, 2, "sizes")
+        if not isinstance(d, int) or not isinstance(inner, (list, tuple)):
+            return None
+        d = _norm(d, len(ish))
+        sizes = list(ish[:d]) + list(inner) + list(ish[d + 1:])
+    else:
+        return None
+    if not isinstance(sizes, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        return None
+    return list(sizes)
+
+
+def _sequence_split(node: fx.Node, ish: Sequence[int], osh: Sequence[int],
+                    p: "Shard") -> Optional[Tuple[int, int, int]]:
+    """A reshape that splits the (plain) sequence dim into ``m >= 2`` output dims ``j..j+m-1``
+    and keeps every other dim, written with a ``-1``: → (index of the -1 among the split dims,
+    j, m). The -1 tells which size comes from the length: ``view(B, -1, C, D)`` (index 0) has
+    blocks of C tokens, ``view(B, 2, -1, D)`` a fixed number of blocks whose size is a fraction
+    of the length. None otherwise (no -1 there: the sizes alone cannot tell)."""
+    if p.merged or p.rows or p.order:
+        return None
+    d = p.dim
+    m = len(osh) - len(ish) + 1
+    if m < 2 or tuple(osh[:d]) != tuple(ish[:d]) or \
+            tuple(osh[d + m:]) != tuple(ish[d + 1:]) or math.prod(osh[d:d + m]) != ish[d]:
+        return None
+    sizes = _size_args(node, ish)
+    if sizes is None or len(sizes) != len(osh):
+        return None
+    minus = [i for i in range(m) if sizes[d + i] == -1]
+    if len(minus) != 1:
+        return None
+    i = minus[0]
+    if i > 0 and (osh[d + i] == 1 or math.prod(osh[d:d + m]) == osh[d + i]):
+        # reshape(B, T, -1, n) with a unit -1 (a feature split that leaves T whole) or
+        # view(B, 1, -1, D) (one block: the whole sequence): no split of the sequence
+        return None
+    return i, d, m
 
 
 def _map_reshape(ish: Sequence[int], osh: Sequence[int], p: Shard,

@@ -1078,22 +1078,60 @@ class SequenceReduction(Pattern):
                 yield FailedMatch(self.name, node, f"{reason}: not a reduction of a sharded "
                                                    f"sequence")
                 continue
-            if isinstance(val(node), tuple):
-                yield FailedMatch(self.name, node, "max/min with indices over the sequence")
+            op = self.KINDS[canonical_name(node)]
+            if isinstance(val(node), tuple):  # torch.max(x, dim) → (values, indices)
+                d = arg(node, 1, "dim")
+                nd = len(shape(node.args[0]))
+                xv = val(node.args[0])
+                if not isinstance(d, int) or d % nd != ctx.placements[node.args[0]].dim or \
+                        op not in ("max", "min") or not xv.dtype.is_floating_point:
+                    yield FailedMatch(self.name, node, "max/min with indices over several dims")
+                    continue
+                yield Match(self.kind, "reduction_with_index", node,
+                            info={"op": op, "dim": d % nd,
+                                  "keepdim": bool(arg(node, 2, "keepdim", False))})
                 continue
-            if node.kwargs.get("dtype") is not None:
-                pass
-            yield Match(self.kind, self.name, node, info={"op": self.KINDS[canonical_name(node)]})
+            yield Match(self.kind, self.name, node, info={"op": op})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
         if ctx.world_size == 1:
             return
         g = gm.graph
+        if "dim" in m.info:
+            with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
+                out = _call(g, _global_max_with_index,
+                            (m.anchor.args[0], m.info["dim"], m.info["keepdim"],
+                             m.info["op"] == "min", ctx.group_name))
+            _finish(ctx, m.anchor, out, Replicate())
+            for u in out.users:
+                u.meta["spcompile_placement"] = Replicate()
+            return
         with g.inserting_after(m.anchor), ctx.provenance(gm, m, m.anchor):
             out = _call(g, _global_reduce, (m.anchor, m.info["op"], ctx.world_size,
                                             ctx.group_name))
         _finish(ctx, m.anchor, out, Replicate())
         m.anchor.meta["spcompile_placement"] = Replicate()
+
+
+def _global_max_with_index(x, dim: int, keepdim: bool, is_min: bool, group_name: str):
+    """``torch.max(x, dim)`` (``min``) over the sharded sequence dim: (values, global indices),
+    as on one device — the index is the FIRST global position holding the extreme, and the
+    value's gradient goes to that element only (on its rank), as torch's backward does."""
+    sign = -1.0 if is_min else 1.0
+    lv, li = torch.max(x * sign, dim, keepdim=True)
+    pos = (li + spops.sequence_offset(group_name, x.shape[dim])).to(torch.float64)
+    gv = torch.ops.spcompile.allreduce(lv.detach(), "max", group_name)
+    cand = torch.where(lv.detach() == gv, pos, torch.full_like(pos, float("inf")))
+    gi = -torch.ops.spcompile.allreduce(-cand, "max", group_name)
+    owner = pos == gi
+    # only the owner's element takes part in the max: its backward sends the summed gradient
+    # there alone (ties between ranks resolved as torch does, to the first position)
+    vals = torch.ops.spcompile.allreduce(
+        torch.where(owner, lv, torch.full_like(lv, float("-inf"))), "max", group_name) * sign
+    idx = gi.to(torch.long)
+    if not keepdim:
+        vals, idx = vals.squeeze(dim), idx.squeeze(dim)
+    return vals, idx
 
 
 def _global_cross_entropy(logits, target, kwargs: dict, group_name: str):
