@@ -109,20 +109,26 @@ def _time(f: Callable, rep: int, grad_to_none) -> float:
     return sorted(ts)[1]
 
 
-def bench(fn: Callable, inputs, fwd_bwd: bool, rep: int = 200) -> float:
+def _runner(fn: Callable, inputs, fwd_bwd: bool):
+    """One call of ``fn`` as the benchmark times it → (callable, leaves whose grads to reset)."""
     q, k, v, ld = inputs
     if not fwd_bwd:
         def fwd():
             with torch.no_grad():
                 fn(q, k, v, ld)
-        return _time(fwd, rep, None)
+        return fwd, None
     leaves = [x.detach().requires_grad_() if x is not None and x.is_floating_point() else x
               for x in inputs]
     do = torch.randn_like(v)
 
     def step():
         fn(*leaves).backward(do)
-    return _time(step, rep, [x for x in leaves if x is not None])
+    return step, [x for x in leaves if x is not None]
+
+
+def bench(fn: Callable, inputs, fwd_bwd: bool, rep: int = 200) -> float:
+    once, grads = _runner(fn, inputs, fwd_bwd)
+    return _time(once, rep, grads)
 
 
 def run_bench(args) -> List[Dict]:
@@ -238,20 +244,10 @@ def kernel_times(fn: Callable, inputs, fwd_bwd: bool, iters: int = 10) -> List[D
     """Per-kernel time of ``iters`` calls under ``torch.profiler``: [{kernel, calls, us/call}],
     slowest first. (CPU smoke runs profile CPU ops instead: the plumbing, not the numbers.)"""
     from torch.profiler import ProfilerActivity, profile
-    q, k, v, ld = inputs
-    leaves = [x.detach().requires_grad_() if x is not None and x.is_floating_point() else x
-              for x in inputs]
-    do = torch.randn_like(v)
-
-    def once():
-        if fwd_bwd:
-            fn(*leaves).backward(do)
-        else:
-            with torch.no_grad():
-                fn(q, k, v, ld)
+    once, _ = _runner(fn, inputs, fwd_bwd)
     for _ in range(3):  # compile, autotune, warm up outside the profile
         once()
-    cuda = q.is_cuda
+    cuda = inputs[0].is_cuda
     acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     if cuda:
         torch.cuda.synchronize()
