@@ -22,7 +22,8 @@ fi
 # place (an old one would be "upgraded" to a multi-GB CUDA build); the rest is listed here.
 "$V" -m pip install -q --no-deps -e .
 "$V" -m pip install -q "sympy>=1.12" "networkx>=3" "pytest>=8" numpy matplotlib "triton>=3.6" \
-  "transformers==5.24.0"  # the real HF models the tests shard (tests/test_hf_dist.py)
+  "transformers==5.24.0" `# the real HF models the tests shard (tests/test_hf_dist.py)` \
+  "einops>=0.7"  # the spellings of fla / mamba-minimal code (tests/models_zoo8.py)
 "$V" -c "
 import sys, torch, spcompile
 major, minor = (int(p) for p in torch.__version__.split('.')[:2])

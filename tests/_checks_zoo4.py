@@ -200,16 +200,17 @@ def check_gathered(rank, P, rec):
 
 def check_batchnorm(rank, P, rec):
     """Conformer conv module: pointwise convs and GLU are token-local, the depthwise conv a
-    halo; BatchNorm (training) gathers, and its running statistics and step counter advance
-    as on one device (``num_batches_tracked.add_(1)`` was dropped as dead code)."""
+    halo; BatchNorm (training) takes its batch statistics from all-reduced partial sums, and
+    its running statistics and step counter advance as on one device
+    (``num_batches_tracked.add_(1)`` was once dropped as dead code)."""
     torch.manual_seed(1)
     model = Z.BatchNormConvModule()
     ref = copy.deepcopy(model)
-    be = gathered(rank, P, rec, "Conformer conv module with BatchNorm1d (training)",
-                  lambda: copy.deepcopy(ref), ops=("batch_norm",))
-    rec.true("Conformer: only batch_norm falls back (pointwise conv, GLU local; dw conv halo)",
-             all("batch_norm" in f for f in _fallbacks(be)) and "halo" in _kinds(be),
-             str(_fallbacks(be)) + str(_kinds(be)))
+    be = exact(rank, P, rec, "Conformer conv module with BatchNorm1d (training)",
+               lambda: copy.deepcopy(ref), kinds={"halo", "reduction"})
+    rec.true("Conformer: batch_norm's statistics all-reduced, not gathered",
+             any(m.pattern == "sequence_batch_norm" for r in be.reports for m in r.matches),
+             str(_kinds(be)))
     x = torch.randn(2, 32, 16)
     ref(x)
     torch._dynamo.reset()

@@ -363,6 +363,101 @@ def _fresh_buffer_slice_writes(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(v)
 
 
+def _slot_index(idx, nd: int):
+    """``(dim, i)`` when ``idx`` is full slices except one integer ``i`` (``S[:, :, i]``,
+    ``S[..., i, :]``), else None."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if sum(1 for i in idx if i is Ellipsis) > 1 or any(i is None for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not Ellipsis)
+    out, cur = None, 0
+    for i in idx:
+        if i is Ellipsis:
+            cur += nd - n_real
+            continue
+        if isinstance(i, int) and not isinstance(i, bool):
+            if out is not None:
+                return None
+            out = (cur, i)
+        elif i != slice(None):
+            return None
+        cur += 1
+    return out
+
+
+def _forward_slot_reads(gm: fx.GraphModule) -> None:
+    """A fresh buffer as a loop's state store, each slot computed from the one before (fla's
+    naive chunk references: ``S = torch.zeros_like(kv); for i in range(1, n): S[:, :, i] =
+    S[:, :, i - 1].clone() * decay + kv[:, :, i - 1]``) → every read of a slot takes the value
+    last written there, so the recurrence becomes a chain of values the loop family knows. A
+    slot read before any write holds the fill: the read becomes ``torch.full`` of it, and that
+    (no-op) write is made explicit where the read was, so the buffer's writes name every slot's
+    value. Only for buffers used by nothing else until their last write, whose reads are used
+    before their slot is written again and not mutated, with values of the slot's exact shape
+    and dtype."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    batched = inside_vmap(gm)
+    for buf in list(gm.graph.nodes):
+        fill = _fill_value(buf)
+        bv = tensor_val(buf)
+        if fill is None or "empty" in (canonical_name(buf) or "") or bv is None or \
+                buf in batched or bv.dim() == 0:
+            continue
+        users = sorted(buf.users, key=order.get)
+        events, dims, ok = [], set(), True
+        for u in users:
+            if u.op == "call_function" and u.target is operator.setitem and u.args[0] is buf:
+                si = _slot_index(u.args[1], bv.dim())
+                v = tensor_val(u.args[2]) if isinstance(u.args[2], fx.Node) else None
+                if si is None or v is None:
+                    ok = False
+                    break
+                events.append(("w", u, si))
+                dims.add(si[0])
+            elif canonical_name(u) == "getitem" and u.args[0] is buf and \
+                    _slot_index(u.args[1], bv.dim()) is not None:
+                events.append(("r", u, _slot_index(u.args[1], bv.dim())))
+                dims.add(events[-1][2][0])
+            else:
+                events.append(("other", u, None))
+        writes = [e for e in events if e[0] == "w"]
+        if not ok or len(dims) != 1 or not writes or not any(e[0] == "r" for e in events):
+            continue
+        last_w = max(order[e[1]] for e in writes)
+        if any(e[0] == "other" and order[e[1]] < last_w for e in events):
+            continue  # the whole buffer read inside the loop (or a view of it): keep it
+        d = dims.pop()
+        n = bv.shape[d]
+        slot_shape = tuple(bv.shape[:d] + bv.shape[d + 1:])
+        for e in events:
+            if e[0] == "w":
+                v = tensor_val(e[1].args[2])
+                if tuple(v.shape) != slot_shape or v.dtype != bv.dtype:
+                    ok = False
+        # a read's uses come before its slot's next write, and none writes through it
+        for k, e in enumerate(events):
+            if e[0] != "r":
+                continue
+            nxt = next((order[f[1]] for f in events[k + 1:] if f[0] == "w" and
+                        f[2][1] % n == e[2][1] % n), None)
+            if any(mutates(u) or (nxt is not None and order[u] > nxt) for u in e[1].users):
+                ok = False
+        if not ok:
+            continue
+        last: dict = {}
+        for kind, u, (_, i) in [e for e in events if e[0] != "other"]:
+            i %= n
+            if kind == "w":
+                last[i] = u.args[2]
+                continue
+            if i not in last:
+                f = _new(gm, u, torch.full, (slot_shape, fill),
+                         {"dtype": bv.dtype, "device": bv.device})
+                _new(gm, u, operator.setitem, (buf, u.args[1], f))
+                last[i] = f
+            _replace(gm, u, last[i])
+
+
 def _index_at(dim: int, item: Any, nd: int) -> tuple:
     """The getitem index that applies ``item`` at ``dim`` and keeps every other dim."""
     return (slice(None),) * (dim % nd) + (item,)
@@ -694,6 +789,7 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     inline_wrappers(gm)  # activation-checkpointed / wrapped bodies → the flat graph
     _slicing_spellings(gm)
     _fresh_buffer_slice_writes(gm)
+    _forward_slot_reads(gm)
     _functionalize_inplace(gm)
     _positional_kwargs(gm)
     batched = inside_vmap(gm)  # an inlined vmap's body (torch's associative_scan) stays as is

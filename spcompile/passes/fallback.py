@@ -867,6 +867,14 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
     """Several indexings of one value along the sequence are a Python loop over tokens or
     chunks that Dynamo unrolled with the *local* count: gathering around each index would
     compute the first shard's chunks on every rank. Refuse it, loudly."""
+    from .patterns.loop_recurrence import TWO_STEPS
+    for f in ctx.near_misses:
+        if f.pattern == "loop_recurrence" and f.reason == TWO_STEPS:
+            # (one read per rank: gathering it would read the first rank's block everywhere)
+            raise SequenceParallelError(
+                f"spcompile: a Python loop over tokens or chunks at "
+                f"{source_line(f.node) or f.node.name}, unrolled with this rank's local count, "
+                f"was not rewritten: {TWO_STEPS}.")
     why = [f.reason for f in ctx.near_misses if f.pattern == "loop_recurrence"]
     delta = (" A state that is multiplied by a matrix built from the tokens (the delta rule "
              "of DeltaNet / Gated DeltaNet, S - beta k (k S)) has no sequence-parallel form in "

@@ -12,11 +12,22 @@ from .graph_utils import eliminate_dead_code
 from .pipeline import Ctx, register_pass
 
 
+def _current(n):
+    for _ in range(64):
+        if not isinstance(n, fx.Node) or "spcompile_replaced_by" not in n.meta:
+            break
+        n = n.meta["spcompile_replaced_by"]
+    return n
+
+
 @register_pass("rewrite")
 def rewrite(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     """Replace every planned match by spcompile ops."""
     from .sequence_axis import Replicate
     for m in ctx.matches:
+        # a value an earlier rewrite replaced (a convolution feeding a batch norm): its
+        # replacement, which now holds the value the match was bound to
+        m.bindings = {k: _current(v) for k, v in m.bindings.items()}
         known = set(gm.graph.nodes)
         m.info["_pattern"].rewrite(gm, ctx, m)
         for node in gm.graph.nodes:  # internal values of a replacement are not sequence data

@@ -167,6 +167,57 @@ REDUCTIONS = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min", "max":
 _DIM_ARG = {"topk": (2, -1), "sort": (1, -1), "argsort": (1, -1), "glu": (1, -1)}
 
 
+def reduction_args(node: fx.Node, name: str) -> Optional[Dict[str, Any]]:
+    """``dims``, ``keepdim`` (and ``p`` of a norm, ``correction`` of var/std) of a reduction
+    call, whatever the overload: ``torch.norm(x, p, dim, keepdim)``, ``x.norm(dim=1)``,
+    ``torch.var(x, dim, unbiased, keepdim)``, ``x.var(False)``, ``x.std(1, correction=0)``;
+    None where the arguments are not plain numbers."""
+    a, kw = list(node.args[1:]), dict(node.kwargs)
+    out: Dict[str, Any] = {}
+    if name == "norm":
+        names = ["p", "dim", "keepdim"]
+        vals = dict(zip(names, a))
+        vals.update({k: v for k, v in kw.items() if k in names})
+        out["p"] = vals.get("p", "fro")
+        out["dims"] = vals.get("dim")
+        out["keepdim"] = vals.get("keepdim", False)
+    elif name in ("var", "std"):
+        unbiased = True
+        if a and isinstance(a[0], bool):  # x.var(False)
+            unbiased, a = a[0], a[1:]
+            dims, keep = None, False
+        else:
+            dims = a[0] if a else kw.get("dim")
+            rest = a[1:]
+            if rest and isinstance(rest[0], bool) and len(rest) >= 2:
+                unbiased, keep = rest[0], rest[1]  # var(x, dim, unbiased, keepdim)
+            elif rest and isinstance(rest[0], bool):
+                unbiased, keep = rest[0], kw.get("keepdim", False)
+            elif rest:
+                return None
+            else:
+                keep = kw.get("keepdim", False)
+        unbiased = kw.get("unbiased", unbiased)
+        corr = kw.get("correction", 1 if unbiased else 0)
+        if corr is None:
+            corr = 1
+        if not isinstance(corr, (int, float)):
+            return None
+        out.update(dims=dims, keepdim=keep, correction=float(corr))
+    elif name == "logsumexp":
+        names = ["dim", "keepdim"]
+        vals = dict(zip(names, a))
+        vals.update({k: v for k, v in kw.items() if k in names})
+        out["dims"], out["keepdim"] = vals.get("dim"), vals.get("keepdim", False)
+    else:
+        return None
+    d = out["dims"]
+    if not (d is None or isinstance(d, int) or isinstance(d, (list, tuple)) and
+            all(isinstance(i, int) for i in d)) or not isinstance(out["keepdim"], bool):
+        return None
+    return out
+
+
 def _nd(node: Any) -> int:
     s = shape(node)
     return -1 if s is None else len(s)
@@ -595,9 +646,12 @@ class Analyzer:
         x = node.args[0]
         p = self.get(x)
         nd = _nd(x)
-        dims = arg(node, 1, "dim", None)
-        keep = bool(arg(node, 2, "keepdim", False)) if name not in ("norm",) else bool(
-            node.kwargs.get("keepdim", False))
+        ra = reduction_args(node, name) if name in ("norm", "var", "std") else None
+        if ra is not None:
+            dims, keep = ra["dims"], ra["keepdim"]
+        else:
+            dims = arg(node, 1, "dim", None)
+            keep = bool(arg(node, 2, "keepdim", False))
         if name in ("max", "min") and len(node.args) < 2 and "dim" not in node.kwargs:
             dims = None
         if isinstance(dims, int):
@@ -854,7 +908,7 @@ class Analyzer:
         pa, pb = self.get(a), self.get(b)
         na, nb, no = _nd(a), _nd(b), _nd(node)
         if na < 2 or nb < 2:
-            return Mixing("matmul with a vector")
+            return self._matmul_vector(pa, pb, na, nb)
         ra = rb = None  # roles: 'row', 'contr', 'batch'
 
         def role(p, nd, is_a):
@@ -894,6 +948,21 @@ class Analyzer:
         if rb == "col" and ra is None:
             return pb.at(no - 1)
         return Mixing("matmul with mixed sharding")
+
+    @staticmethod
+    def _matmul_vector(pa, pb, na: int, nb: int) -> Placement:
+        """``x @ w`` with a vector ``w`` (a score per token: attention pooling's ``x @ q``)
+        contracts ``x``'s last dim; ``v @ X`` contracts ``X``'s second to last. The sharded
+        axis stays where it is, unless it is the one contracted."""
+        if isinstance(pa, Replicate) and isinstance(pb, Replicate):
+            return Replicate()
+        if nb == 1 and na >= 2 and isinstance(pa, Shard) and isinstance(pb, Replicate) and \
+                pa.dim < na - 1:
+            return pa
+        if na == 1 and nb >= 2 and isinstance(pb, Shard) and isinstance(pa, Replicate) and \
+                pb.dim != nb - 2:
+            return pb if pb.dim < nb - 2 else pb.at(nb - 2)
+        return Mixing("matmul with a vector over the sequence axis")
 
     def linear(self, node: fx.Node) -> Placement:
         x = node.args[0]
@@ -949,6 +1018,20 @@ class Analyzer:
                 isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
             return p
         return Mixing("group_norm statistics over the sequence axis")
+
+    def batch_norm(self, node: fx.Node) -> Placement:
+        """``batch_norm(x [N, C, *], ...)``: with running statistics (eval) a per-channel
+        affine map, token-local; in training its statistics are over every dim but the
+        channels', the sequence among them (``BatchNorm1d`` on ``[B, C, T]``): mixing, the
+        result sharded as ``x``."""
+        x = node.args[0]
+        p = self.get(x)
+        if not isinstance(p, Shard) or p.dim == 1 or p.merged or p.rows or p.order or \
+                not all(isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
+            return Mixing("batch_norm over the sequence axis")
+        if not bool(arg(node, 5, "training", False)):
+            return p
+        return Mixing("batch statistics over the sequence", p.dim)
 
     def dim_local(self, node: fx.Node) -> Placement:
         """Ops along one dim (``topk``, ``sort``, ``argsort``, ``glu``; the dim argument at the
@@ -1519,7 +1602,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "cumsum": Analyzer.cum, "cumprod": Analyzer.cum, "cummax": Analyzer.cum,
     "cummin": Analyzer.cum, "logcumsumexp": Analyzer.cum,
     "layer_norm": Analyzer.norm_layer, "rms_norm": Analyzer.norm_layer,
-    "group_norm": Analyzer.group_norm,
+    "group_norm": Analyzer.group_norm, "batch_norm": Analyzer.batch_norm,
     "topk": Analyzer.dim_local, "sort": Analyzer.dim_local, "argsort": Analyzer.dim_local,
     "glu": Analyzer.dim_local, "one_hot": Analyzer.one_hot,
     "scatter": Analyzer.index_along, "scatter_add": Analyzer.index_along,

@@ -78,14 +78,33 @@ def _state_operand_ok(u: fx.Node, s: fx.Node) -> bool:
     return True
 
 
+def _unit(n: int, T: int) -> Optional[int]:
+    """Tokens per entry of a sharded axis of length ``n``: 1 on the sequence axis, ``T // n``
+    on a chunk axis (``x.view(B, T // C, C, D)``: ``n`` chunks of ``C`` tokens on this rank),
+    None where ``n`` does not divide ``T``."""
+    if n == T:
+        return 1
+    return T // n if 1 < n < T and T % n == 0 else None
+
+
+def _axis_span(node: fx.Node, dim: int, n: int, T: int) -> Optional[Tuple[int, int]]:
+    """The token span ``[start, stop)`` a getitem takes along ``dim`` (length ``n``): entries
+    of a chunk axis count ``T // n`` tokens each, so a loop over ``kv[:, i]`` (chunk ``i``) and
+    one over ``x[:, i*C:(i+1)*C]`` (its tokens) have the same steps."""
+    u = _unit(n, T)
+    sp = seq_span(node, dim, n) if u is not None else None
+    return None if sp is None else (sp[0] * u, sp[1] * u)
+
+
 def _missing_last(spans, T: int) -> Optional[tuple]:
-    """Spans (at least two, of one length ``C``) that tile ``[0, T - C)``: the reads of a
-    value only the state update uses, whose last step's update Dynamo dropped (the final state
-    is dead; an exclusive readout ``ys.append(f(s)); s = a_t s + b_t`` needs no token of the last
-    step). → all the steps' spans, the missing last one added; None otherwise."""
+    """Spans (of one length ``C``) that tile ``[0, T - C)``: the reads of a value only the
+    state update uses, whose last step's update Dynamo dropped (the final state is dead; an
+    exclusive readout ``ys.append(f(s)); s = a_t s + b_t`` needs no token of the last step).
+    → all the steps' spans, the missing last one added; None otherwise. (One span: two steps
+    per rank, which ``_match`` refuses by name — the dead update cannot be checked.)"""
     spans = sorted(set(spans))
     lens = {b - a for a, b in spans}
-    if len(spans) < 2 or len(lens) != 1:
+    if not spans or len(lens) != 1 or spans[0][0] != 0:
         return None
     C = lens.pop()
     end = spans[-1][1]
@@ -137,12 +156,14 @@ def _write_index(idx, sh: tuple, T: int, spans: Dict[Tuple[int, int], int], want
             continue
         if d >= len(sh):
             return None
-        if i != slice(None) and sh[d] == T:
+        u = _unit(sh[d], T) if i != slice(None) else None
+        if u is not None and (u == 1 or want == d):  # (a chunk axis: the buffer's sharded one)
+            n = sh[d]
             if isinstance(i, int):
-                sp = (i % T, i % T + 1)
+                sp = (i % n * u, (i % n + 1) * u)
             elif i.step in (None, 1):
-                a, b, _ = i.indices(T)
-                sp = (a, b)
+                a, b, _ = i.indices(n)
+                sp = (a * u, b * u)
             else:
                 sp = None
             if sp in spans:
@@ -155,6 +176,20 @@ def _write_index(idx, sh: tuple, T: int, spans: Dict[Tuple[int, int], int], want
     d, j, k = cands[0]
     pattern = tuple(type(i).__name__ if n == j else repr(i) for n, i in enumerate(idx))
     return d, k, pattern
+
+
+def _update_ops(z: fx.Node, chain: List[fx.Node], chain_step: Dict[fx.Node, int],
+                k: int) -> list:
+    """The ops of step ``k``'s updates of one state chain, each with what its operands are
+    (the state, or the kind of op that made them)."""
+    out, prev = [], z
+    for c in chain:
+        if chain_step.get(c) == k:
+            out.append((canonical_name(c), tuple(
+                "state" if a is prev else canonical_name(a) if isinstance(a, fx.Node) else repr(a)
+                for a in c.args)))
+        prev = c
+    return out
 
 
 def _flat(x):
@@ -186,6 +221,11 @@ def _fold_states(root, S_loc, D, group_name: str):
     return acc.to(root.dtype), fin.to(root.dtype)
 
 
+TWO_STEPS = ("the last step's update is unused and there are only two steps per rank, so the "
+             "update cannot be checked against another step (use more tokens or blocks per "
+             "rank, or use the final state: return it with the output)")
+
+
 class _Loop:
     """What ``find`` learned about one unrolled loop (the rewrite reads it)."""
 
@@ -193,6 +233,7 @@ class _Loop:
         self.reads: Dict[fx.Node, int] = {}  # read → step
         self.read_len: Dict[fx.Node, int] = {}  # read → tokens it takes
         self.read_dim: Dict[fx.Node, int] = {}  # read → the source's sequence dim
+        self.read_unit: Dict[fx.Node, int] = {}  # read → tokens per entry of that dim
         self.spans: List[Tuple[int, int]] = []
         self.per_step: List[List[fx.Node]] = []
         self.chain_step: Dict[fx.Node, int] = {}
@@ -200,6 +241,9 @@ class _Loop:
         self.chains: List[Tuple[fx.Node, List[fx.Node]]] = []  # (root, chain)
         self.body: Dict[fx.Node, int] = {}  # node → step (reads, chain nodes, body nodes)
         self.combiners: Dict[fx.Node, int] = {}  # stack/cat → output dim
+        # stack/cats of the bare states entering each step (the root first): an exclusive
+        # readout ``rec.append(s); s = a_t s + b_t`` — the root's place takes the entering state
+        self.entering: Set[fx.Node] = set()
         self.after: Dict[fx.Node, Set[fx.Node]] = {}  # after-loop node → finals it reads
         self.n = 0
         self.synth: Set[int] = set()  # chains whose last-step update Dynamo dropped (dead)
@@ -226,7 +270,10 @@ class LoopRecurrence(Pattern):
             p = pl.get(node.args[0])
             if not isinstance(p, Shard) or p.merged:
                 continue
-            sp = seq_span(node, p.dim, T)
+            if all(canonical_name(u) in _SHAPE_ONLY for u in node.users):
+                continue  # ``zeros_like(kv[:, 0])``: lends a shape, reads no step's tokens
+            sx = shape(node.args[0])
+            sp = _axis_span(node, p.dim, sx[p.dim], T) if sx is not None else None
             if sp is not None:
                 by_src.setdefault(node.args[0], []).append((node, sp))
         # ``for h_t in h.unbind(1)`` / ``for blk in h.split(C, dim=1)``: the pieces are the reads
@@ -298,6 +345,8 @@ class LoopRecurrence(Pattern):
             # None: a piece of an unbind/split (its index is the step)
             L.read_dim[r] = p.dim if canonical_name(r.args[0]) not in ("unbind", "split") \
                 and isinstance(p, Shard) else None
+            if L.read_dim[r] is not None:
+                L.read_unit[r] = _unit(shape(r.args[0])[p.dim], ctx.seq_len) or 1
             if all(canonical_name(u) in _SHAPE_ONLY for u in r.users):
                 L.shape_reads.add(r)
         L.spans = list(spans)
@@ -446,9 +495,7 @@ class LoopRecurrence(Pattern):
                 # from the step before it when the rank's state is needed
                 L.synth.add(ci)
             elif set(steps) == set(range(L.n - 1)):
-                return fail("the last step's update is unused and there are only two steps "
-                            "per rank, so the update cannot be checked against another step "
-                            "(use more blocks per rank)")
+                return fail(TWO_STEPS)
             elif set(steps) != set(range(L.n)):
                 return fail("the carried state is not updated once per step in step order")
             nsteps = L.n - 1 if ci in L.synth else L.n
@@ -466,6 +513,14 @@ class LoopRecurrence(Pattern):
                 # the last readout, of the state's shape, continued the chain. Cut it off: the
                 # last update is then rebuilt from the step before (see L.synth)
                 trims[z] = trims.get(z, 0) + counts[-1]
+                return self._match(gm, ctx, spans, reads, trims)
+            if extra == 0 and ci not in L.synth and L.n > 2 and not trims.get(z) and \
+                    _update_ops(z, chain, chain_step, 0) != \
+                    _update_ops(z, chain, chain_step, L.n - 1):
+                # the last step's "update" is not step 0's: a readout of the state's shape
+                # (RWKV's (h + u k_t v_t) * r_t) continued the chain where the last update
+                # is dead — cut it off, the last update is then rebuilt (see L.synth)
+                trims[z] = counts[-1]
                 return self._match(gm, ctx, spans, reads, trims)
             if len(set(counts)) != 1:
                 hint = ""
@@ -541,18 +596,32 @@ class LoopRecurrence(Pattern):
 
         # the output of the loop: stack/cat of one value per step, in order
         T = ctx.seq_len
+        last_of_step = {}  # chain node → the step it ends (its state enters the next)
+        for ci, (z, chain) in enumerate(L.chains):
+            for c, nxt in zip(chain, chain[1:] + [None]):
+                if nxt is None or chain_step[nxt] != chain_step[c]:
+                    last_of_step[c] = chain_step[c]
         for cmb in list(L.combiners):
             tensors = cmb.args[0] if cmb.args else cmb.kwargs.get("tensors")
-            if not isinstance(tensors, (list, tuple)) or \
+            if isinstance(tensors, (list, tuple)) and len(tensors) == L.n and \
+                    tensors[0] in roots and all(last_of_step.get(t) == k for k, t in
+                                                enumerate(tensors[1:])) and \
+                    all(chain_of[t][0] == chain_of[tensors[0]][0] for t in tensors[1:]):
+                L.entering.add(cmb)  # the states entering steps 0 .. n-1
+                tensors = None
+            if tensors is None:
+                pass
+            elif not isinstance(tensors, (list, tuple)) or \
                     [L.body.get(t) for t in tensors] != list(range(L.n)):
                 return fail(f"{canonical_name(cmb)} at {cmb.name} does not take one value per "
                             f"loop step in step order")
             d = cmb.args[1] if len(cmb.args) > 1 else cmb.kwargs.get("dim", 0)
             out = shape(cmb)
             d %= len(out)
-            if out[d] != T:
+            if out[d] != T and not (_unit(out[d], T) and out[d] == L.n):
                 return fail(f"{canonical_name(cmb)} at {cmb.name} does not rebuild the "
-                            f"sequence axis (length {out[d]}, not {T})")
+                            f"sequence axis (length {out[d]}, not {T}, nor one entry per "
+                            f"step: a chunk axis)")
             L.combiners[cmb] = d
 
         # final-state uses after the loop: extra nodes at the end of the last step that read
@@ -586,7 +655,7 @@ class LoopRecurrence(Pattern):
         ref_last = fps[0]
         if L.synth:  # the last step is step 0 without its (dead) update
             live = {n for n in per_step[0] if n in L.writes or
-                    any(u in L.combiners for u in n.users)}
+                    any(u in L.combiners and u not in L.entering for u in n.users)}
             for n in reversed(per_step[0]):
                 if n in live:
                     live |= {a for a in n.all_input_nodes if a in per_step[0]}
@@ -761,7 +830,7 @@ class LoopRecurrence(Pattern):
                 n.meta["spcompile_placement"] = Replicate()
             # only the loop's own uses: a root like a parameter may be used elsewhere too
             z.replace_all_uses_with(s_in, delete_user_cb=lambda u: u not in created and
-                                    u in L.body)
+                                    (u in L.body or u in L.entering))
             if final is not None:
                 for n, fs in L.after.items():
                     if end in fs:  # (a node may read several chains' final states)
@@ -828,6 +897,8 @@ class LoopRecurrence(Pattern):
             return n
         idx = list(r.args[1] if isinstance(r.args[1], tuple) else (r.args[1],))
         a, b = L.spans[step]
+        u = L.read_unit.get(r, 1)
+        a, b = a // u, b // u
         d = 0
         for i, it in enumerate(idx):
             if it is None:

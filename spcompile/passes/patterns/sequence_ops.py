@@ -29,7 +29,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ... import ops as spops
-from ..graph_utils import arg, canonical_name, evaluate, mutates, set_meta, shape, val
+from ..graph_utils import (arg, canonical_name, evaluate, mutates, set_meta, shape, tensor_val,
+                           val)
 from ..pipeline import Ctx, source_line
 from ..sequence_axis import (ONE_TOKEN_SLICE, Pair, Replicate, Shard, flip_dims,
                              positions_form)
@@ -52,6 +53,7 @@ def _mixing(ctx: Ctx, *names: str):
 def _finish(ctx: Ctx, anchor: fx.Node, new: fx.Node, placement) -> None:
     new.meta["spcompile_placement"] = placement
     anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    anchor.meta["spcompile_replaced_by"] = new  # later matches bound to it read ``new``
 
 
 def _replace_call(gm, ctx: Ctx, m: Match, fn, args, placement) -> None:
@@ -106,6 +108,11 @@ class SDPAttention(Pattern):
             scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
             gqa = bool(node.kwargs.get("enable_gqa", False))
             shapes = [shape(x) for x in (q, k, v)]
+            rq = self._replicated_queries(gm, ctx, node, q, k, v, mask, dropout, causal,
+                                          scale, gqa, shapes)
+            if rq is not None:
+                yield rq
+                continue
             if any(s is None or len(s) != 4 for s in shapes):
                 yield FailedMatch(self.name, node, "attention inputs are not [B, H, T, D]")
                 continue
@@ -152,10 +159,46 @@ class SDPAttention(Pattern):
                         info={"causal": causal, "scale": scale, "gqa": gqa or
                               shapes[1][1] != H, "B": B, "H": H, "H_kv": shapes[1][1], "D": D})
 
+    def _replicated_queries(self, gm, ctx: Ctx, node, q, k, v, mask, dropout, causal, scale,
+                            gqa, shapes) -> Optional[Found]:
+        """Queries every rank holds (Perceiver latents, a learned pooling query, a Q-Former)
+        over keys and values sharded along the sequence: → the match (or near miss) of that
+        form, None for other placements."""
+        pl = ctx.placements
+        if not isinstance(pl.get(q), Replicate) or any(s is None for s in shapes) or \
+                len(shapes[0]) < 3:
+            return None
+        nd = len(shapes[1])
+        if not all(isinstance(pl.get(x), Shard) and pl.get(x).dim == nd - 2 and
+                   not (pl.get(x).merged or pl.get(x).rows or pl.get(x).order)
+                   for x in (k, v)):
+            return None
+        if dropout or causal:
+            return FailedMatch(self.name, node, "replicated queries over sharded keys with "
+                                                "dropout or is_causal")
+        if mask is not None:
+            pm, sm = pl.get(mask), shape(mask)
+            ok = sm is not None and ((isinstance(pm, Shard) and pm.dim == len(sm) - 1) or
+                                     (isinstance(pm, Replicate) and sm[-1] == 1))
+            if not ok:
+                return FailedMatch(self.name, node, "replicated queries with a mask that is "
+                                                    "not sharded along the keys")
+        return Match(self.kind, "sdpa_replicated_queries", node,
+                     bindings={"q": q, "k": k, "v": v, "mask": mask},
+                     info={"causal": False, "scale": scale, "queries": "replicated",
+                           "gqa": gqa, "only_strategy": "allreduce",
+                           "form": "replicated queries: partial softmax combined by LSE"})
+
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
         if ctx.world_size == 1:
             return
         g = gm.graph
+        if m.info.get("queries") == "replicated":
+            b = m.bindings
+            _replace_call(gm, ctx, m, _sdpa_replicated_queries,
+                          (b["q"], b["k"], b["v"], b["mask"], m.info["scale"], m.info["gqa"],
+                           ctx.group_name), Replicate())
+            return
         if "mask" in m.bindings:
             from ..fallback import _GlobalRebuild
             mask = m.bindings["mask"]
@@ -185,6 +228,28 @@ class SDPAttention(Pattern):
         _finish(ctx, m.anchor, out, Shard(2))
 
 
+def _sdpa_replicated_queries(q, k, v, mask, scale, gqa: bool, group_name: str):
+    """SDPA of queries every rank holds over this rank's keys and values, combined over the
+    ranks by the softmax's log-sum-exp (flash-decoding's combine): the global max, then the
+    sums of the weights and of the weighted values (three all-reduces of ``[..., Lq, ·]``;
+    no key or value leaves its rank)."""
+    if k.dim() >= 3 and q.dim() == k.dim() and q.shape[-3] != k.shape[-3] and k.dim() >= 4:
+        rep = q.shape[-3] // k.shape[-3]  # grouped-query attention (enable_gqa)
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    scores = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * s
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else scores + mask.to(ct)
+    mx = spops.allreduce(scores.detach().amax(-1, keepdim=True), "max", group_name)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    w = torch.exp(scores - mx)
+    den = spops.allreduce(w.sum(-1, keepdim=True), "sum", group_name)
+    num = spops.allreduce(w @ v.to(ct), "sum", group_name)
+    return (num / den).to(q.dtype)
+
+
 def _row_block(x, dim: int, group_name: str):
     """This rank's rows (``dim``) of a global T×T value."""
     from ...collectives import group_rank, group_size
@@ -205,6 +270,19 @@ def _causal_conv1d(x, w, b, width: int, stride, dilation, groups: int, group_nam
     return torch.ops.spcompile.layout_barrier(
         F.conv1d(torch.cat([halo, x], dim=-1), w, b, stride, 0, dilation, groups))
 
+
+
+def _centred_conv1d(x, w, b, left: int, right: int, dilation, groups: int, group_name: str):
+    """conv1d over [previous rank's last ``left`` | x | next rank's first ``right``] with no
+    padding: a length-preserving convolution (Conformer's depthwise conv, ``padding='same'``)
+    of this rank's tokens; zeros beyond the ends of the sequence, as the padding gives."""
+    parts = [x]
+    if left:
+        parts.insert(0, _end_halo(x, left, -1, 0.0, group_name, False))
+    if right:
+        parts.append(_end_halo(x, right, -1, 0.0, group_name, True))
+    return torch.ops.spcompile.layout_barrier(
+        F.conv1d(torch.cat(parts, dim=-1), w, b, 1, 0, dilation, groups))
 
 
 def _conv_params(node: fx.Node):
@@ -275,8 +353,32 @@ class CausalConv1d(Pattern):
                                 info={"width": width, "dilation": dilation, "groups": groups,
                                       "form": "pad (k-1, 0) then conv"})
                     continue
-            yield FailedMatch(self.name, node, f"conv1d is not causal (padding={padding}, "
-                                               f"kernel {k}, output not cut to the first T)")
+            # a centred ("same") convolution: the output keeps the length, each side padded
+            if padding == "same":
+                left = width // 2
+                two = (left, width - left)
+            elif isinstance(padding, int) and 2 * padding == width:
+                two = (padding, padding)
+            else:
+                two = None
+            inner = x
+            if padding == 0 and canonical_name(x) == "pad":
+                pads = arg(x, 1, "pad")
+                if len(pads) >= 2 and sum(pads[:2]) == width and all(p == 0 for p in pads[2:]) \
+                        and (arg(x, 2, "mode", "constant") == "constant") and \
+                        arg(x, 3, "value", None) in (None, 0, 0.0):
+                    two, inner = (pads[0], pads[1]), x.args[0]
+            if two is not None and (not ctx.seq_len or max(two) <= ctx.seq_len):
+                yield Match(self.kind, self.name, node,
+                            bindings={"x": inner, "w": w, "b": arg(node, 2, "bias")},
+                            nodes={node} | ({x} if inner is not x else set()),
+                            info={"width": width, "left": two[0], "right": two[1],
+                                  "dilation": dilation, "groups": groups,
+                                  "form": f"centred: {two[0]} tokens before, {two[1]} after"})
+                continue
+            yield FailedMatch(self.name, node, f"conv1d is not causal nor centred "
+                                               f"(padding={padding}, kernel {k}, output not "
+                                               f"cut to the first T)")
 
     @staticmethod
     def _is_head_slice(node: fx.Node, T: int) -> bool:
@@ -299,9 +401,14 @@ class CausalConv1d(Pattern):
         conv = next(n for n in m.nodes if canonical_name(n) == "conv1d")
         stride, _, dilation, groups = _conv_params(conv)
         with g.inserting_before(m.anchor), ctx.provenance(gm, m, m.anchor):
-            out = _call(g, _causal_conv1d, (x, m.bindings["w"], m.bindings["b"],
-                                            m.info["width"], stride, dilation, groups,
-                                            ctx.group_name))
+            if "left" in m.info:
+                out = _call(g, _centred_conv1d, (x, m.bindings["w"], m.bindings["b"],
+                                                 m.info["left"], m.info["right"], dilation,
+                                                 groups, ctx.group_name))
+            else:
+                out = _call(g, _causal_conv1d, (x, m.bindings["w"], m.bindings["b"],
+                                                m.info["width"], stride, dilation, groups,
+                                                ctx.group_name))
         _finish(ctx, m.anchor, out, Shard(len(shape(out)) - 1))
 
 
@@ -985,8 +1092,13 @@ class Positions(Pattern):
                 src = node.args[0]
                 sh = shape(src)
                 idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-                if sh is None or not isinstance(src, fx.Node) or any(i is Ellipsis for i in idx):
+                if sh is None or not isinstance(src, fx.Node) or \
+                        sum(i is Ellipsis for i in idx) > 1:
                     continue
+                if Ellipsis in idx:  # cos_cached[:, :, :seq_len, ...]
+                    e = idx.index(Ellipsis)
+                    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+                    idx = idx[:e] + (slice(None),) * (len(sh) - n_real) + idx[e + 1:]
                 hits, d = [], 0
                 for i in idx:
                     if i is None:
@@ -998,7 +1110,7 @@ class Positions(Pattern):
                 if len(hits) == 1:  # a T×T slice (a mask buffer) is not a position table
                     yield Match(self.kind, self.name, node,
                                 info={"form": "table[:T]", "dim": hits[0],
-                                      "table_len": sh[hits[0]]})
+                                      "table_len": sh[hits[0]], "index": idx})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
         if ctx.world_size == 1:
@@ -1028,8 +1140,7 @@ class Positions(Pattern):
         with g.inserting_before(node), ctx.provenance(gm, m, node):
             window = _call(g, _rank_window, (src, m.info["dim"], T, ctx.group_name))
             idx = tuple(slice(None) if isinstance(i, slice) and i.stop == T else i
-                        for i in (node.args[1] if isinstance(node.args[1], tuple)
-                                  else (node.args[1],)))
+                        for i in m.info["index"])
             out = _call(g, operator.getitem, (window, idx))
         # this rank's window of the table: a sharded value (gathering it, as a fallback around a
         # token-mixing consumer does, gives back the global table[:P·T])
@@ -1111,6 +1222,168 @@ class SequenceReduction(Pattern):
                                             ctx.group_name))
         _finish(ctx, m.anchor, out, Replicate())
         m.anchor.meta["spcompile_placement"] = Replicate()
+
+
+def _reduced_dims(dims, nd: int) -> tuple:
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return tuple(range(nd))
+    return tuple(sorted({d % nd for d in ((dims,) if isinstance(dims, int) else dims)}))
+
+
+def _drop(y, dims: tuple, keepdim: bool):
+    return y if keepdim else y.squeeze(dims) if dims else y
+
+
+def _global_logsumexp(x, dims, keepdim: bool, group_name: str):
+    """``logsumexp`` over dims that include the sharded one: the ranks' own logsumexps
+    combined with a max-shifted sum (two all-reduces)."""
+    dims = _reduced_dims(dims, x.dim())
+    lse = torch.logsumexp(x, dims, keepdim=True)
+    m = spops.allreduce(lse.detach(), "max", group_name)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    out = m + torch.log(spops.allreduce(torch.exp(lse - m), "sum", group_name))
+    return _drop(out, dims, keepdim)
+
+
+def _global_var(x, dims, correction: float, keepdim: bool, std: bool, P: int,
+                group_name: str):
+    """``var`` / ``std`` over dims that include the sharded one (every rank holds as many
+    elements): the global mean, then the global sum of squared deviations from it, divided by
+    ``N - correction`` as torch does."""
+    dims = _reduced_dims(dims, x.dim())
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    xf = x if x.is_floating_point() else x.float()
+    mean = spops.allreduce(xf.mean(dims, keepdim=True), "sum", group_name) / P
+    ss = spops.allreduce(((xf - mean) ** 2).sum(dims, keepdim=True), "sum", group_name)
+    var = ss / max(n * P - correction, 0)
+    out = var.sqrt() if std else var
+    return _drop(out, dims, keepdim)
+
+
+def _global_norm(x, p, dims, keepdim: bool, group_name: str):
+    """A vector norm over dims that include the sharded one: ``(Σ |x|^p)^(1/p)`` with the sum
+    over all ranks (the max for p = inf)."""
+    dims = _reduced_dims(dims, x.dim())
+    if p in (float("inf"), "inf"):
+        out = spops.allreduce(x.abs().amax(dims, keepdim=True), "max", group_name)
+    elif p in (float("-inf"), "-inf"):
+        out = -spops.allreduce(-x.abs().amin(dims, keepdim=True), "max", group_name)
+    elif p == 1:
+        out = spops.allreduce(x.abs().sum(dims, keepdim=True), "sum", group_name)
+    else:
+        q = 2.0 if p in (None, "fro", 2) else float(p)
+        s = spops.allreduce((x.abs() ** q).sum(dims, keepdim=True), "sum", group_name)
+        out = s.sqrt() if q == 2.0 else s ** (1.0 / q)
+    return _drop(out, dims, keepdim)
+
+
+class SequenceStatistic(Pattern):
+    """``logsumexp``, ``var`` / ``std`` and vector ``norm`` over the sequence (a pooled
+    logsumexp, statistics pooling ``[mean, std]`` over the frames, an L2 norm over the
+    tokens): exact from the ranks' partial statistics, a few small all-reduces instead of
+    gathering the sequence."""
+    name = "sequence_statistic"
+    kind = "reduction"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        from ..sequence_axis import reduction_args
+        for node, reason in _mixing(ctx, "logsumexp", "var", "std", "norm"):
+            x = node.args[0]
+            px = ctx.placements.get(x)
+            xv = tensor_val(x)
+            if not isinstance(px, Shard) or px.merged or px.order or px.rows or xv is None or \
+                    not reason.endswith("over the sequence"):
+                continue
+            name = canonical_name(node)
+            ra = reduction_args(node, name)
+            if ra is None:
+                yield FailedMatch(self.name, node, f"{name}: arguments not understood")
+                continue
+            if name == "norm" and (xv.is_complex() or not isinstance(
+                    ra["p"], (int, float, type(None))) and ra["p"] not in ("fro", "inf",
+                                                                           "-inf")):
+                yield FailedMatch(self.name, node, f"norm with p={ra['p']!r}")
+                continue
+            if name == "norm" and ra["p"] == "fro" and ra["dims"] is not None and \
+                    not isinstance(ra["dims"], int) and len(ra["dims"]) > 2:
+                yield FailedMatch(self.name, node, "Frobenius norm over more than two dims")
+                continue
+            if node.kwargs.get("dtype") is not None or node.kwargs.get("out") is not None:
+                yield FailedMatch(self.name, node, f"{name} with dtype/out")
+                continue
+            yield Match(self.kind, self.name, node, bindings={"x": x},
+                        info=dict(ra, op=name))
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        i, x = m.info, m.bindings["x"]
+        if i["op"] == "logsumexp":
+            fn, args = _global_logsumexp, (x, i["dims"], i["keepdim"], ctx.group_name)
+        elif i["op"] == "norm":
+            fn, args = _global_norm, (x, i["p"], i["dims"], i["keepdim"], ctx.group_name)
+        else:
+            fn, args = _global_var, (x, i["dims"], i["correction"], i["keepdim"],
+                                     i["op"] == "std", ctx.world_size, ctx.group_name)
+        _replace_call(gm, ctx, m, fn, args, Replicate())
+
+
+def _global_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps: float,
+                       P: int, group_name: str):
+    """Training-mode ``batch_norm`` of a value sharded along the sequence (every rank holds
+    as many elements per channel): the statistics over the batch and the whole sequence from
+    two all-reduces (the global mean, then the squared deviations), the running statistics
+    updated as on one device (the unbiased variance, ``N / (N - 1)``)."""
+    dims = [0] + list(range(2, x.dim()))
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    N = n * P
+    mean = spops.allreduce(x.mean(dims, keepdim=True), "sum", group_name) / P
+    var = spops.allreduce(((x - mean) ** 2).sum(dims, keepdim=True), "sum", group_name) / N
+    y = (x - mean) * torch.rsqrt(var + eps)
+    shp = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shp)
+    if bias is not None:
+        y = y + bias.view(shp)
+    if running_mean is not None and momentum is not None:
+        m = float(momentum)
+        running_mean.mul_(1 - m).add_(mean.detach().flatten().to(running_mean.dtype) * m)
+    if running_var is not None and momentum is not None:
+        m = float(momentum)
+        unbiased = var.detach().flatten() * (N / max(N - 1, 1))
+        running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype) * m)
+    return y
+
+
+class SequenceBatchNorm(Pattern):
+    """``BatchNorm1d`` in training on ``[B, C, T]`` (Conformer's convolution module, TCNs):
+    batch statistics over the sharded sequence from all-reduced partial sums, no gather."""
+    name = "sequence_batch_norm"
+    kind = "reduction"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        for node, reason in _mixing(ctx, "batch_norm"):
+            if reason != "batch statistics over the sequence":
+                continue
+            rm, rv = arg(node, 1, "running_mean"), arg(node, 2, "running_var")
+            momentum, eps = arg(node, 6, "momentum", 0.1), arg(node, 7, "eps", 1e-5)
+            if not isinstance(momentum, (int, float, type(None))) or \
+                    not isinstance(eps, (int, float)):
+                yield FailedMatch(self.name, node, "batch_norm with non-literal momentum/eps")
+                continue
+            yield Match(self.kind, self.name, node,
+                        bindings={"x": node.args[0], "rm": rm, "rv": rv,
+                                  "w": arg(node, 3, "weight"), "b": arg(node, 4, "bias")},
+                        info={"momentum": momentum, "eps": float(eps),
+                              "dim": ctx.placements[node.args[0]].dim})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        b = m.bindings
+        _replace_call(gm, ctx, m, _global_batch_norm,
+                      (b["x"], b["rm"], b["rv"], b["w"], b["b"], m.info["momentum"],
+                       m.info["eps"], ctx.world_size, ctx.group_name), Shard(m.info["dim"]))
 
 
 def _global_max_with_index(x, dim: int, keepdim: bool, is_min: bool, group_name: str):
