@@ -48,6 +48,8 @@ def check_spellings(rank, P, rec):
           Z.inp, kinds={"attention"}, T=Z.T)
     exact(rank, P, rec, "GPT-NeoX cos_cached[:, :, :seq_len]", Z.NeoXRotary, Z.inp,
           kinds={"attention", "positions"}, T=Z.T)
+    exact(rank, P, rec, "RetNet with xPos (pos / 512 is no row count)", Z.RetNetXPos, Z.inp,
+          kinds={"linear_scan", "positions"}, T=Z.T)
     exact(rank, P, rec, "torch.roll shift, xs[:, 0] = 0", Z.RollShift, Z.inp,
           kinds={"halo"}, T=Z.T)
     exact(rank, P, rec, "torch.roll shift times (arange > 0)", lambda: Z.RollShift(False),
@@ -72,7 +74,9 @@ def check_replicated_queries(rank, P, rec):
                          ("latents, enable_gqa", lambda: Z.PerceiverLatents(gqa=True), Z.inp),
                          ("pooling nn.MultiheadAttention", Z.PoolingMHA, Z.inp),
                          ("pooling SDPA with a key padding mask", Z.PaddedPooling,
-                          Z.inp_mask)]:
+                          Z.inp_mask),
+                         ("pooling SDPA, one sample's keys all masked", Z.PaddedPooling,
+                          Z.inp_mask_empty_row)]:
         be = exact(rank, P, rec, name, mk, mi, kinds={"attention"}, T=Z.T)
         rec.true(f"{name}: replicated-query form",
                  any(m.pattern == "sdpa_replicated_queries" for r in be.reports
@@ -112,6 +116,8 @@ def check_convolutions(rank, P, rec):
           Z.ConformerConvModule(train=False), Z.inp, kinds={"halo"}, T=Z.T)
     exact(rank, P, rec, "Conformer conv module, BatchNorm1d in training",
           Z.ConformerConvModule, Z.inp, kinds={"halo", "reduction"}, T=Z.T)
+    exact(rank, P, rec, "torch.batch_norm (its own argument order) in training",
+          Z.TorchBatchNorm, Z.inp, kinds={"reduction"}, T=Z.T)
     running_statistics(rank, P, rec)
 
 

@@ -506,3 +506,59 @@ class SSDMinimalEinops(nn.Module):
         A = -torch.exp(self.dt(x).clamp(max=2))
         y, final = ssd_minimal_discrete(X, A, Bm, C, self.block)
         return rearrange(y, "b l h p -> b l (h p)"), final
+
+
+class RetNetXPos(nn.Module):
+    """Retention with xPos (torchscale): rotary angles and a per-position scale
+    ``((i + 0.4·d) / 1.4·d) ** (pos / 512)``; the ``512`` (xPos' ``scale_base``) equals 16 ×
+    ``B·T_local`` here, and is no row count (it divides positions, not a sum over rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+        self.register_buffer("gamma", 1 - 2 ** (-5 - torch.arange(H, dtype=torch.float)))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hd = D // H
+        q, k, v = (z.view(b, t, H, hd).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        pos = torch.arange(t, dtype=torch.float)
+        sc = ((torch.arange(0, hd, 2) + 0.4 * hd) / (1.4 * hd))[None, :] ** (pos[:, None] / 512)
+        ang = pos[:, None] / (10000 ** (torch.arange(0, hd, 2).float() / hd))[None]
+        sin, cos = torch.sin(ang), torch.cos(ang)
+
+        def rot(z, s):
+            z1, z2 = z[..., ::2], z[..., 1::2]
+            return torch.stack([z1 * cos * s - z2 * sin * s, z1 * sin * s + z2 * cos * s],
+                               -1).flatten(-2)
+
+        q, k = rot(q, sc), rot(k, 1 / sc)
+        i = torch.arange(t)
+        decay = self.gamma[:, None, None] ** (i[:, None] - i[None, :]).clamp(min=0).float()
+        att = (q @ k.transpose(-1, -2)) * (decay * (i[:, None] >= i[None, :]))
+        return (att @ v).transpose(1, 2).reshape(b, t, D)
+
+
+class TorchBatchNorm(nn.Module):
+    """``torch.batch_norm(x, weight, bias, running_mean, running_var, training, ...)``: the
+    argument order differs from ``F.batch_norm``'s."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D, bias=False)
+        self.w, self.b = nn.Parameter(torch.rand(D) + 0.5), nn.Parameter(torch.randn(D))
+        self.register_buffer("rm", torch.zeros(D))
+        self.register_buffer("rv", torch.ones(D))
+
+    def forward(self, x):
+        y = torch.tanh(self.lin(x)).transpose(1, 2)
+        return torch.batch_norm(y, self.w, self.b, self.rm, self.rv, True, 0.1, 1e-5,
+                                False).transpose(1, 2)
+
+
+def inp_mask_empty_row():
+    """A key padding mask with one sample's tokens all masked (its pooled output is 0)."""
+    m = torch.ones(B, T)
+    m[0, 10:] = 0
+    m[1] = 0
+    return [torch.randn(B, T, D), m]

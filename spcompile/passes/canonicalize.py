@@ -397,6 +397,30 @@ def _forward_slot_reads(gm: fx.GraphModule) -> None:
     and dtype."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     batched = inside_vmap(gm)
+
+    def views_of(n: fx.Node) -> set:
+        """``n`` and every view taken of it (transitively)."""
+        out, todo = {n}, [n]
+        while todo:
+            for u in todo.pop().users:
+                if canonical_name(u) in _VIEW_OPS and u.args and u.args[0] in out and \
+                        u not in out:
+                    out.add(u)
+                    todo.append(u)
+        return out
+
+    def view_base(n: fx.Node) -> fx.Node:
+        while canonical_name(n) in _VIEW_OPS and n.args and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+        return n
+
+    def mutated(n: fx.Node) -> bool:
+        """Is ``n``'s storage written anywhere (through ``n``, its base or any view)?"""
+        for v in views_of(view_base(n)):
+            if any(mutates(u) and u.args and u.args[0] is v for u in v.users):
+                return True
+        return False
+
     for buf in list(gm.graph.nodes):
         fill = _fill_value(buf)
         bv = tensor_val(buf)
@@ -424,23 +448,26 @@ def _forward_slot_reads(gm: fx.GraphModule) -> None:
         if not ok or len(dims) != 1 or not writes or not any(e[0] == "r" for e in events):
             continue
         last_w = max(order[e[1]] for e in writes)
-        if any(e[0] == "other" and order[e[1]] < last_w for e in events):
-            continue  # the whole buffer read inside the loop (or a view of it): keep it
+        if any(e[0] == "other" and (order[e[1]] < last_w or mutates(e[1]) or
+                                     canonical_name(e[1]) in _VIEW_OPS) for e in events):
+            continue  # the whole buffer read inside the loop, mutated, or viewed: keep it
         d = dims.pop()
         n = bv.shape[d]
         slot_shape = tuple(bv.shape[:d] + bv.shape[d + 1:])
         for e in events:
             if e[0] == "w":
                 v = tensor_val(e[1].args[2])
-                if tuple(v.shape) != slot_shape or v.dtype != bv.dtype:
-                    ok = False
+                if tuple(v.shape) != slot_shape or v.dtype != bv.dtype or \
+                        mutated(e[1].args[2]):
+                    ok = False  # (a value changed after it was written: the slot keeps it)
         # a read's uses come before its slot's next write, and none writes through it
         for k, e in enumerate(events):
             if e[0] != "r":
                 continue
             nxt = next((order[f[1]] for f in events[k + 1:] if f[0] == "w" and
                         f[2][1] % n == e[2][1] % n), None)
-            if any(mutates(u) or (nxt is not None and order[u] > nxt) for u in e[1].users):
+            uses = [u for v in views_of(e[1]) for u in v.users]
+            if any(mutates(u) or (nxt is not None and order[u] > nxt) for u in uses):
                 ok = False
         if not ok:
             continue

@@ -647,6 +647,7 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
                 rows.setdefault(float(m * n), f"{m}·{n} (rows: {m} × B·T_local)")
                 rows.setdefault(1.0 / (m * n), f"1/({m}·{n}) (rows)")
     derived, mixed = set(), set()  # from the sequence at all; from sequence-mixing values
+    summed = set()  # from sums over the rows / the sequence (where a row count divides)
     for node in gm.graph.nodes:
         ins = node.all_input_nodes
         if not isinstance(pl.get(node, Replicate()), Replicate) or any(a in derived for a in ins):
@@ -655,6 +656,11 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
         if made or node in ctx.mixing or node in ctx.count_uses or \
                 isinstance(pl.get(node), (Pair, Partial)) or any(a in mixed for a in ins):
             mixed.add(node)
+        if node in ctx.count_uses or isinstance(pl.get(node), Partial) or \
+                "over the sequence" in ctx.mixing.get(node, "") or \
+                (made and canonical_name(node) in ("_global_reduce", "allreduce")) or \
+                any(a in summed for a in ins):
+            summed.add(node)
     for node in gm.graph.nodes:
         if canonical_name(node) not in _ARITH or not any(
                 a in derived for a in node.all_input_nodes):
@@ -662,7 +668,8 @@ def _check_length_constants(gm: fx.GraphModule, ctx: Ctx) -> None:
         for c in [_literal(a) for a in list(node.args) + list(node.kwargs.values())]:
             hit = _suspect(c, suspects)
             strong = any(a in mixed for a in node.all_input_nodes)
-            if hit is None and strong and canonical_name(node) not in ("mod", "remainder", "fmod"):
+            if hit is None and any(a in summed for a in node.all_input_nodes) and \
+                    canonical_name(node) not in ("mod", "remainder", "fmod"):
                 # (a modulus by the row count is arithmetic on row numbers: refused there)
                 hit = _suspect(c, rows)
             if hit is None:

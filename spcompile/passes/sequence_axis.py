@@ -175,6 +175,8 @@ def reduction_args(node: fx.Node, name: str) -> Optional[Dict[str, Any]]:
     a, kw = list(node.args[1:]), dict(node.kwargs)
     out: Dict[str, Any] = {}
     if name == "norm":
+        if len(a) > 3:
+            return None  # (out= / dtype= given positionally)
         names = ["p", "dim", "keepdim"]
         vals = dict(zip(names, a))
         vals.update({k: v for k, v in kw.items() if k in names})
@@ -214,6 +216,33 @@ def reduction_args(node: fx.Node, name: str) -> Optional[Dict[str, Any]]:
     d = out["dims"]
     if not (d is None or isinstance(d, int) or isinstance(d, (list, tuple)) and
             all(isinstance(i, int) for i in d)) or not isinstance(out["keepdim"], bool):
+        return None
+    return out
+
+
+def batch_norm_args(node: fx.Node) -> Optional[Dict[str, Any]]:
+    """The arguments of ``F.batch_norm(x, running_mean, running_var, weight, bias, training,
+    momentum, eps)`` or ``torch.batch_norm(x, weight, bias, running_mean, running_var,
+    training, momentum, eps, cudnn_enabled)``, by name; None for another target."""
+    import torch.nn.functional as F
+    if node.op == "call_function" and node.target is F.batch_norm:
+        names = ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+        defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1,
+                    "eps": 1e-5}
+    elif node.op == "call_function" and node.target is torch.batch_norm:
+        names = ["weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                 "cudnn_enabled"]
+        defaults = {}
+    else:
+        return None
+    out = dict(defaults)
+    out.update(dict(zip(names, node.args[1:])))
+    out.update({k: v for k, v in node.kwargs.items() if k in names})
+    if not all(k in out for k in ("running_mean", "running_var", "weight", "bias", "training",
+                                  "momentum", "eps")):
+        return None
+    if not isinstance(out["momentum"], (int, float, type(None))) or \
+            not isinstance(out["eps"], (int, float)) or not isinstance(out["training"], bool):
         return None
     return out
 
@@ -1026,10 +1055,12 @@ class Analyzer:
         result sharded as ``x``."""
         x = node.args[0]
         p = self.get(x)
-        if not isinstance(p, Shard) or p.dim == 1 or p.merged or p.rows or p.order or \
-                not all(isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
+        ba = batch_norm_args(node)
+        if ba is None or not isinstance(p, Shard) or p.dim == 1 or p.merged or p.rows or \
+                p.order or not all(isinstance(self.get(a), Replicate)
+                                   for a in node.all_input_nodes[1:]):
             return Mixing("batch_norm over the sequence axis")
-        if not bool(arg(node, 5, "training", False)):
+        if not ba["training"]:
             return p
         return Mixing("batch statistics over the sequence", p.dim)
 

@@ -176,6 +176,10 @@ class SDPAttention(Pattern):
         if dropout or causal:
             return FailedMatch(self.name, node, "replicated queries over sharded keys with "
                                                 "dropout or is_causal")
+        if len(shapes[0]) != nd or (nd >= 4 and (shapes[1][-3] == 0 or
+                                                  shapes[0][-3] % shapes[1][-3])):
+            return FailedMatch(self.name, node, "replicated queries: query and key heads do "
+                                                "not line up")
         if mask is not None:
             pm, sm = pl.get(mask), shape(mask)
             ok = sm is not None and ((isinstance(pm, Shard) and pm.dim == len(sm) - 1) or
@@ -247,7 +251,10 @@ def _sdpa_replicated_queries(q, k, v, mask, scale, gqa: bool, group_name: str):
     w = torch.exp(scores - mx)
     den = spops.allreduce(w.sum(-1, keepdim=True), "sum", group_name)
     num = spops.allreduce(w @ v.to(ct), "sum", group_name)
-    return (num / den).to(q.dtype)
+    # a query whose keys are all masked out attends to nothing: 0, as torch's SDPA gives
+    out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                      torch.zeros_like(num))
+    return out.to(q.dtype)
 
 
 def _row_block(x, dim: int, group_name: str):
@@ -328,12 +335,13 @@ class CausalConv1d(Pattern):
                         f"sequence around it), or run the layer on the whole sequence: "
                         f"spcompile.shard_sequence(layer(spcompile.gather_sequence(x, "
                         f"grad='reduce_scatter'))).")
-            if ctx.seq_len and width > ctx.seq_len:
+            too_wide = bool(ctx.seq_len and width > ctx.seq_len)
+            users = list(node.users)
+            if too_wide and padding != "same" and 2 * padding != width:
                 yield FailedMatch(self.name, node, f"the kernel reaches {width} tokens back, "
                                                    f"beyond the previous rank ({ctx.seq_len} "
                                                    f"tokens)")
                 continue
-            users = list(node.users)
             if padding == width and len(users) == 1 and canonical_name(users[0]) == "getitem" \
                     and self._is_head_slice(users[0], T):
                 yield Match(self.kind, self.name, users[0],
@@ -343,7 +351,7 @@ class CausalConv1d(Pattern):
                                   "form": "padding=k-1 then [..., :T]"})
                 continue
             src = x
-            if padding == 0 and canonical_name(src) == "pad":
+            if padding == 0 and canonical_name(src) == "pad" and not too_wide:
                 pads = arg(src, 1, "pad")
                 if list(pads[:2]) == [width, 0] and all(p == 0 for p in pads[2:]):
                     inner = src.args[0]
@@ -364,12 +372,17 @@ class CausalConv1d(Pattern):
             inner = x
             if padding == 0 and canonical_name(x) == "pad":
                 pads = arg(x, 1, "pad")
-                if len(pads) >= 2 and sum(pads[:2]) == width and all(p == 0 for p in pads[2:]) \
+                if len(pads) >= 2 and sum(pads[:2]) == width and min(pads[:2]) >= 0 and \
+                        all(p == 0 for p in pads[2:]) \
                         and (arg(x, 2, "mode", "constant") == "constant") and \
                         arg(x, 3, "value", None) in (None, 0, 0.0):
                     two, inner = (pads[0], pads[1]), x.args[0]
-            if two is not None and (not ctx.seq_len or max(two) <= ctx.seq_len):
-                yield Match(self.kind, self.name, node,
+            if two is not None and ctx.seq_len and max(two) > ctx.seq_len:
+                yield FailedMatch(self.name, node, f"the kernel reaches {max(two)} tokens into "
+                                                   f"a neighbour, beyond its {ctx.seq_len}")
+                continue
+            if two is not None:
+                yield Match(self.kind, "centred_conv1d", node,
                             bindings={"x": inner, "w": w, "b": arg(node, 2, "bias")},
                             nodes={node} | ({x} if inner is not x else set()),
                             info={"width": width, "left": two[0], "right": two[1],
@@ -1275,7 +1288,9 @@ def _global_norm(x, p, dims, keepdim: bool, group_name: str):
     else:
         q = 2.0 if p in (None, "fro", 2) else float(p)
         s = spops.allreduce((x.abs() ** q).sum(dims, keepdim=True), "sum", group_name)
-        out = s.sqrt() if q == 2.0 else s ** (1.0 / q)
+        safe = torch.where(s > 0, s, torch.ones_like(s))  # torch's gradient at 0 is 0
+        out = torch.where(s > 0, safe.sqrt() if q == 2.0 else safe ** (1.0 / q),
+                          torch.zeros_like(s))
     return _drop(out, dims, keepdim)
 
 
@@ -1301,7 +1316,7 @@ class SequenceStatistic(Pattern):
             if ra is None:
                 yield FailedMatch(self.name, node, f"{name}: arguments not understood")
                 continue
-            if name == "norm" and (xv.is_complex() or not isinstance(
+            if name == "norm" and (xv.is_complex() or ra["p"] == 0 or not isinstance(
                     ra["p"], (int, float, type(None))) and ra["p"] not in ("fro", "inf",
                                                                            "-inf")):
                 yield FailedMatch(self.name, node, f"norm with p={ra['p']!r}")
@@ -1339,6 +1354,8 @@ def _global_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps
     for d in dims:
         n *= x.shape[d]
     N = n * P
+    out_dtype = x.dtype
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # (torch's accumulation)
     mean = spops.allreduce(x.mean(dims, keepdim=True), "sum", group_name) / P
     var = spops.allreduce(((x - mean) ** 2).sum(dims, keepdim=True), "sum", group_name) / N
     y = (x - mean) * torch.rsqrt(var + eps)
@@ -1354,7 +1371,7 @@ def _global_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps
         m = float(momentum)
         unbiased = var.detach().flatten() * (N / max(N - 1, 1))
         running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype) * m)
-    return y
+    return y.to(out_dtype)
 
 
 class SequenceBatchNorm(Pattern):
@@ -1364,18 +1381,23 @@ class SequenceBatchNorm(Pattern):
     kind = "reduction"
 
     def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        from ..sequence_axis import batch_norm_args
         for node, reason in _mixing(ctx, "batch_norm"):
             if reason != "batch statistics over the sequence":
                 continue
-            rm, rv = arg(node, 1, "running_mean"), arg(node, 2, "running_var")
-            momentum, eps = arg(node, 6, "momentum", 0.1), arg(node, 7, "eps", 1e-5)
+            ba = batch_norm_args(node)
+            if ba is None:
+                yield FailedMatch(self.name, node, "batch_norm arguments not understood")
+                continue
+            rm, rv, momentum, eps = ba["running_mean"], ba["running_var"], ba["momentum"], \
+                ba["eps"]
             if not isinstance(momentum, (int, float, type(None))) or \
                     not isinstance(eps, (int, float)):
                 yield FailedMatch(self.name, node, "batch_norm with non-literal momentum/eps")
                 continue
             yield Match(self.kind, self.name, node,
                         bindings={"x": node.args[0], "rm": rm, "rv": rv,
-                                  "w": arg(node, 3, "weight"), "b": arg(node, 4, "bias")},
+                                  "w": ba["weight"], "b": ba["bias"]},
                         info={"momentum": momentum, "eps": float(eps),
                               "dim": ctx.placements[node.args[0]].dim})
 
