@@ -92,6 +92,9 @@ def check_p4(rank, P, rec):
         refused(rank, P, rec, f"loop over the chunk axis ({mode}), two chunks per rank",
                 lambda mode=mode: Z.ChunkStateLoop(mode), Z.inp, T=Z.T,
                 text=("only two steps per rank",))
+    exact(rank, P, rec, "loop over the chunk axis (list), two chunks per rank, final state "
+          "returned", lambda: Z.ChunkStateLoop("list", final=True), Z.inp,
+          kinds={"loop_scan", "shape"}, T=Z.T)
     refused(rank, P, rec, "zoo5 chunk view loop, two chunks per rank", Z5.ChunkViewLoop,
             text=("only two steps per rank",))
     exact(rank, P, rec, "fla naive_recurrent_rwkv6 (bonus readout)", Z.RWKV6Naive, Z.inp,

@@ -200,9 +200,10 @@ class ChunkStateLoop(nn.Module):
     each update, the state started as ``zeros_like(kv[:, 0])``), ``inclusive``
     (``S[:, 0] = kv[:, 0]``: the state starts from a chunk, not from a constant)."""
 
-    def __init__(self, mode: str, C: int = 4):
+    def __init__(self, mode: str, C: int = 4, final: bool = False):
         super().__init__()
         self.qkv, self.g, self.mode, self.C = nn.Linear(D, 3 * D), nn.Linear(D, 1), mode, C
+        self.final = final  # ``list`` also returns the final state
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -226,6 +227,8 @@ class ChunkStateLoop(nn.Module):
                 rec.append(st)
                 st = st * a[:, i, None, None] + kv[:, i]
             S = torch.stack(rec, 1)
+            if self.final:
+                return (q @ S).reshape(b, t, D), st
         else:  # inclusive
             S = torch.zeros_like(kv)
             S[:, 0] = kv[:, 0]

@@ -554,7 +554,12 @@ class LoopRecurrence(Pattern):
                         ow.add(view_owner[a])
                 elif a in L.body:
                     ow.add(L.body[a])
-            if len(ow) > 1 and canonical_name(n) in _COMBINE:
+            tensors = (n.args[0] if n.args else n.kwargs.get("tensors")) \
+                if canonical_name(n) in _COMBINE else None
+            if tensors is not None and (len(ow) > 1 or from_state and isinstance(
+                    tensors, (list, tuple)) and len(tensors) == L.n):
+                # (the states entering each step, stacked: with two steps, the root and one
+                # update — one step among its inputs)
                 L.combiners[n] = -1
                 continue
             if len(ow) > 1 and not from_state:

@@ -852,8 +852,14 @@ class ShapeOnlySlice(Pattern):
             if not node.users or not all(canonical_name(u) in _SHAPE_ONLY_USERS and
                                          u.args and u.args[0] is node for u in node.users):
                 continue
-            if not isinstance(px, Shard) or px.merged or sx is None or so is None or \
-                    len(so) != len(sx):
+            if not isinstance(px, Shard) or px.merged or sx is None or so is None:
+                continue
+            if len(so) == len(sx) - 1 and _int_index_at(node, px.dim) is not None:
+                # ``torch.zeros_like(kv[:, 0])`` (a loop's initial state): any token will do
+                yield Match(self.kind, self.name, node, bindings={"x": x},
+                            info={"dim": px.dim, "length": None})
+                continue
+            if len(so) != len(sx):
                 continue
             sl = _seq_slice(node, px.dim, len(sx))
             n = sx[px.dim]
@@ -869,8 +875,25 @@ class ShapeOnlySlice(Pattern):
                             info={"dim": px.dim, "length": k})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        if m.info["length"] is None:
+            _replace_call(gm, ctx, m, torch.select, (m.bindings["x"], m.info["dim"], 0),
+                          Replicate())
+            return
         _replace_call(gm, ctx, m, torch.narrow, (m.bindings["x"], m.info["dim"], 0,
                                                  m.info["length"]), Replicate())
+
+
+def _int_index_at(node: fx.Node, dim: int):
+    """The integer a getitem takes at ``dim`` (no Ellipsis, no None before it), else None."""
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    d = 0
+    for i in idx:
+        if i is None or i is Ellipsis:
+            return None
+        if d == dim:
+            return i if isinstance(i, int) and not isinstance(i, bool) else None
+        d += 1
+    return None
 
 
 def _diff_sp(x, dim: int, prepend, group_name: str):
