@@ -69,6 +69,8 @@ def check_exact(rank, P, rec):
           Z.ChunkMeanPool)
     exact(rank, P, rec, "F.pad + x.unfold(1, w, 1) local windows (was gathered)",
           Z.UnfoldLocalAttention, kinds={"halo"})
+    exact(rank, P, rec, "F.group_norm on [B, H, T, d] (was gathered)",
+          Z.GroupNormHeadsOverTime, kinds={"linear_scan", "reduction"})
 
 
 def check_graph_breaks(rank, P, rec):
@@ -189,8 +191,6 @@ def check_gathered(rank, P, rec):
              lambda: Z.MLSTMLayer(form="outer"), ops=("max", "sum", "matmul"))
     gathered(rank, P, rec, "DeltaNet parallel form via solve_triangular", Z.DeltaNetSolve,
              ops=("linalg_solve_triangular",))
-    gathered(rank, P, rec, "F.group_norm on [B, H, T, d]", Z.GroupNormHeadsOverTime,
-             ops=("group_norm",))
     gathered(rank, P, rec, "F.normalize(x) with its default dim=1 (the sequence)",
              Z.NormalizeDefaultDim, ops=("normalize",))
     gathered(rank, P, rec, "x.repeat(1, 2, 1) tiling the sequence (was taken for a shard)",

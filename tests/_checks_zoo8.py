@@ -119,6 +119,9 @@ def check_convolutions(rank, P, rec):
           Z.ConformerConvModule(train=False), Z.inp, kinds={"halo"}, T=Z.T)
     exact(rank, P, rec, "Conformer conv module, BatchNorm1d in training",
           Z.ConformerConvModule, Z.inp, kinds={"halo", "reduction"}, T=Z.T)
+    for form in ("bct", "heads", "instance"):
+        exact(rank, P, rec, f"group / instance norm over the sequence ({form})",
+              lambda form=form: Z.GroupNormOverTime(form), Z.inp, kinds={"reduction"}, T=Z.T)
     exact(rank, P, rec, "torch.batch_norm (its own argument order) in training",
           Z.TorchBatchNorm, Z.inp, kinds={"reduction"}, T=Z.T)
     running_statistics(rank, P, rec)
@@ -151,6 +154,8 @@ def running_statistics(rank, P, rec):
 def check_p4_convolutions(rank, P, rec):
     exact(rank, P, rec, "conv padding='same', k=4 (uneven sides)", lambda: Z.CentredConv(4),
           Z.inp, kinds={"halo"}, T=Z.T)
+    exact(rank, P, rec, "GroupNorm on [B, C, T]", Z.GroupNormOverTime, Z.inp,
+          kinds={"reduction"}, T=Z.T)
     exact(rank, P, rec, "Conformer conv module, BatchNorm1d in training",
           Z.ConformerConvModule, Z.inp, kinds={"halo", "reduction"}, T=Z.T)
     running_statistics(rank, P, rec)

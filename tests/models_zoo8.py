@@ -565,3 +565,22 @@ def inp_mask_empty_row():
     m[0, 10:] = 0
     m[1] = 0
     return [torch.randn(B, T, D), m]
+
+
+class GroupNormOverTime(nn.Module):
+    """``nn.GroupNorm`` on ``[B, C, T]`` (1-D U-Nets, audio), on ``[B, H, T, d]`` with one
+    group per head, or ``nn.InstanceNorm1d`` (affine, no running statistics)."""
+
+    def __init__(self, form: str = "bct"):
+        super().__init__()
+        self.form = form
+        self.lin = nn.Linear(D, D, bias=False)
+        self.norm = {"bct": nn.GroupNorm(4, D), "heads": nn.GroupNorm(H, H),
+                     "instance": nn.InstanceNorm1d(D, affine=True)}[form]
+
+    def forward(self, x):
+        y = torch.tanh(self.lin(x))
+        if self.form == "heads":
+            y = y.view(y.shape[0], y.shape[1], H, -1).transpose(1, 2)
+            return self.norm(y).transpose(1, 2).reshape(x.shape)
+        return self.norm(y.transpose(1, 2)).transpose(1, 2)

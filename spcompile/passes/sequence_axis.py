@@ -1046,7 +1046,18 @@ class Analyzer:
         if isinstance(p, Shard) and p.dim == 0 and all(
                 isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
             return p
+        if isinstance(p, Shard) and p.dim >= 2 and not (p.merged or p.rows or p.order):
+            return Mixing("group_norm statistics over the sequence axis", p.dim)
         return Mixing("group_norm statistics over the sequence axis")
+
+    def instance_norm(self, node: fx.Node) -> Placement:
+        """``instance_norm(x [N, C, *])``: statistics per sample and channel over the trailing
+        dims — the sequence among them in ``[B, C, T]``."""
+        x = node.args[0]
+        p = self.get(x)
+        if isinstance(p, Shard) and p.dim >= 2 and not (p.merged or p.rows or p.order):
+            return Mixing("instance_norm statistics over the sequence axis", p.dim)
+        return Mixing("instance_norm over the sequence axis")
 
     def batch_norm(self, node: fx.Node) -> Placement:
         """``batch_norm(x [N, C, *], ...)``: with running statistics (eval) a per-channel
@@ -1634,6 +1645,7 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "cummin": Analyzer.cum, "logcumsumexp": Analyzer.cum,
     "layer_norm": Analyzer.norm_layer, "rms_norm": Analyzer.norm_layer,
     "group_norm": Analyzer.group_norm, "batch_norm": Analyzer.batch_norm,
+    "instance_norm": Analyzer.instance_norm,
     "topk": Analyzer.dim_local, "sort": Analyzer.dim_local, "argsort": Analyzer.dim_local,
     "glu": Analyzer.dim_local, "one_hot": Analyzer.one_hot,
     "scatter": Analyzer.index_along, "scatter_add": Analyzer.index_along,

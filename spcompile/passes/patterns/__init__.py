@@ -6,9 +6,9 @@ from .softmax_attention import ManualSoftmaxAttention
 from .cumsum_form import CumsumLinearAttention
 from .sequence_ops import (CausalConv1d, CrossEntropy, FixedPositionWrite, LeadingRowScan,
                            PaddedWindows, Positions, SDPAttention, SequenceBatchNorm,
-                           SequenceDiff, SequenceFlip, SequenceIndex, SequenceReduction,
-                           SequenceRoll, SequenceScan, SequenceSoftmax, SequenceStatistic,
-                           ShapeOnlySlice, ShiftedLoss, TokenShift)
+                           SequenceDiff, SequenceFlip, SequenceGroupNorm, SequenceIndex,
+                           SequenceReduction, SequenceRoll, SequenceScan, SequenceSoftmax,
+                           SequenceStatistic, ShapeOnlySlice, ShiftedLoss, TokenShift)
 
 
 def all_patterns():
@@ -19,8 +19,8 @@ def all_patterns():
 REGISTRY = [MaskedLinearAttention, ConstantCausalMix, ManualSoftmaxAttention, SDPAttention,
             CausalConv1d, TokenShift,
             SequenceRoll, SequenceFlip, ShapeOnlySlice, PaddedWindows, SequenceDiff, Positions,
-            SequenceReduction, SequenceStatistic, SequenceBatchNorm, ShiftedLoss, CrossEntropy,
-            SequenceIndex, SequenceSoftmax,
+            SequenceReduction, SequenceStatistic, SequenceBatchNorm, SequenceGroupNorm,
+            ShiftedLoss, CrossEntropy, SequenceIndex, SequenceSoftmax,
             CumsumLinearAttention, LeadingRowScan, SequenceScan, FixedPositionWrite]
 from .declared import DeclaredScan; REGISTRY.insert(0, DeclaredScan)  # noqa: E402,E702 (first: annotations)
 from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the masked forms)

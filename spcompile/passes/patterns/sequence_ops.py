@@ -1431,6 +1431,75 @@ class SequenceBatchNorm(Pattern):
                        m.info["eps"], ctx.world_size, ctx.group_name), Shard(m.info["dim"]))
 
 
+def _global_group_norm(x, groups: int, weight, bias, eps: float, P: int, group_name: str):
+    """``group_norm`` (``instance_norm``: one group per channel) of ``[N, C, *]`` sharded along
+    a trailing dim: per sample and group, the mean over every rank's tokens, then the summed
+    squared deviations (two all-reduces), the biased variance as torch uses."""
+    out_dtype = x.dtype
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    g = xf.reshape(x.shape[0], groups, -1)
+    n = g.shape[-1] * P
+    mean = spops.allreduce(g.mean(-1, keepdim=True), "sum", group_name) / P
+    var = spops.allreduce(((g - mean) ** 2).sum(-1, keepdim=True), "sum", group_name) / n
+    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    shp = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shp)
+    if bias is not None:
+        y = y + bias.view(shp)
+    return y.to(out_dtype)
+
+
+class SequenceGroupNorm(Pattern):
+    """``GroupNorm`` / ``InstanceNorm1d`` (no running statistics) on ``[B, C, T]`` or
+    ``[B, H, T, d]``: statistics per sample and group over the whole sequence from
+    all-reduced partial sums, no gather."""
+    name = "sequence_group_norm"
+    kind = "reduction"
+
+    def find(self, gm, ctx: Ctx) -> Iterable[Found]:
+        import torch.nn.functional as Fn
+        for node, reason in _mixing(ctx, "group_norm", "instance_norm"):
+            if not reason.endswith("statistics over the sequence axis"):
+                continue
+            x = node.args[0]
+            sx = shape(x)
+            if node.op != "call_function" or sx is None or len(sx) < 3:
+                yield FailedMatch(self.name, node, "normalisation arguments not understood")
+                continue
+            if node.target is Fn.group_norm:
+                names = ["num_groups", "weight", "bias", "eps"]
+                a = dict(zip(names, node.args[1:]))
+                a.update({k: v for k, v in node.kwargs.items() if k in names})
+                G, w, b, eps = a.get("num_groups"), a.get("weight"), a.get("bias"), \
+                    a.get("eps", 1e-5)
+            elif node.target is Fn.instance_norm:
+                names = ["running_mean", "running_var", "weight", "bias", "use_input_stats",
+                         "momentum", "eps"]
+                a = dict(zip(names, node.args[1:]))
+                a.update({k: v for k, v in node.kwargs.items() if k in names})
+                if a.get("running_mean") is not None or a.get("running_var") is not None or \
+                        a.get("use_input_stats", True) is not True:
+                    yield FailedMatch(self.name, node, "instance_norm with running statistics")
+                    continue
+                G, w, b, eps = sx[1], a.get("weight"), a.get("bias"), a.get("eps", 1e-5)
+            else:
+                yield FailedMatch(self.name, node, "normalisation spelled another way")
+                continue
+            if not isinstance(G, int) or G < 1 or sx[1] % G or not isinstance(eps, (int, float)):
+                yield FailedMatch(self.name, node, "group count or eps not understood")
+                continue
+            yield Match(self.kind, self.name, node, bindings={"x": x, "w": w, "b": b},
+                        info={"groups": G, "eps": float(eps),
+                              "dim": ctx.placements[x].dim})
+
+    def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
+        b = m.bindings
+        _replace_call(gm, ctx, m, _global_group_norm,
+                      (b["x"], m.info["groups"], b["w"], b["b"], m.info["eps"], ctx.world_size,
+                       ctx.group_name), Shard(m.info["dim"]))
+
+
 def _global_max_with_index(x, dim: int, keepdim: bool, is_min: bool, group_name: str):
     """``torch.max(x, dim)`` (``min``) over the sharded sequence dim: (values, global indices),
     as on one device — the index is the FIRST global position holding the extreme, and the
