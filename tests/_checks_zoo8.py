@@ -84,7 +84,16 @@ def check_replicated_queries(rank, P, rec):
                  str([m.pattern for r in be.reports for m in r.matches]))
 
 
+def latents_pooled(rank, P, rec):
+    be = exact(rank, P, rec, "latents then sum / mean over the latent axis",
+               Z.LatentsPooledHead, Z.inp, kinds={"attention"}, T=Z.T)
+    rec.true("latents pooled: nothing reduced over the sequence after the attention",
+             not any(m.kind == "reduction" for r in be.reports for m in r.matches),
+             str([str(m) for r in be.reports for m in r.matches]))
+
+
 def check_p4(rank, P, rec):
+    latents_pooled(rank, P, rec)
     exact(rank, P, rec, "fla torch_simple_gla at 4 chunks per rank", Z.SimpleGLANaiveChunk,
           Z.inp64, kinds={"loop_scan"}, T=2 * Z.T)
     for mode in ("fla", "list"):
@@ -106,6 +115,10 @@ def check_p4(rank, P, rec):
           kinds={"attention"}, T=Z.T)
     exact(rank, P, rec, "pooling SDPA with a key padding mask", Z.PaddedPooling, Z.inp_mask,
           kinds={"attention"}, T=Z.T)
+
+
+def check_latents(rank, P, rec):
+    latents_pooled(rank, P, rec)
 
 
 def check_convolutions(rank, P, rec):

@@ -584,3 +584,15 @@ class GroupNormOverTime(nn.Module):
             y = y.view(y.shape[0], y.shape[1], H, -1).transpose(1, 2)
             return self.norm(y).transpose(1, 2).reshape(x.shape)
         return self.norm(y.transpose(1, 2)).transpose(1, 2)
+
+
+class LatentsPooledHead(nn.Module):
+    """Perceiver latents, then ops over the latent axis (dim 1, the axis the sequence has in
+    the input): ``head(latents).sum(1)`` is replicated, no reduction over the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool, self.head = PerceiverLatents(L=2), nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(x)).sum(1), self.pool(x).mean(1)

@@ -7,7 +7,7 @@ import pytest
 from dist_harness import assert_rows, run_checks
 
 P2 = ["check_fla_references", "check_chunk_loops", "check_spellings", "check_statistics",
-      "check_replicated_queries", "check_convolutions"]
+      "check_replicated_queries", "check_latents", "check_convolutions"]
 P4 = ["check_p4", "check_p4_convolutions"]
 
 

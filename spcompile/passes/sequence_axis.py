@@ -1254,6 +1254,10 @@ class Analyzer:
                     ok = False
             if ok:
                 return Shard(p.dim)
+        if isinstance(p, Replicate) or p is None:
+            # queries every rank holds (Perceiver latents, a pooling query): the attention
+            # over the sequence's keys is the same on every rank, not sharded along the queries
+            return Mixing("attention over the sequence", "replicate")
         return Mixing("attention over the sequence", nd - 2)
 
     def conv1d(self, node: fx.Node) -> Placement:
