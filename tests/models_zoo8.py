@@ -358,6 +358,10 @@ STATISTICS = {
         lambda y: torch.norm(y, float("inf"), dim=1, keepdim=True),
     "y.norm()": lambda y: y.norm(),
     "statistics pooling cat([mean, std])": lambda y: torch.cat([y.mean(1), y.std(1)], -1),
+    "nn.AdaptiveAvgPool1d(1) on [B, C, T]":
+        lambda y: nn.AdaptiveAvgPool1d(1)(y.transpose(1, 2)).squeeze(-1),
+    "F.adaptive_max_pool1d(x, 1) on [B, C, T]":
+        lambda y: F.adaptive_max_pool1d(y.transpose(1, 2), 1).flatten(1),
 }
 
 

@@ -558,6 +558,20 @@ def _slicing_spellings(gm: fx.GraphModule) -> None:
         _replace(gm, node, new)
 
 
+def _global_pool_to_reduction(gm: fx.GraphModule, node: fx.Node, name: str) -> None:
+    """``F.adaptive_avg_pool1d(x, 1)`` / ``adaptive_max_pool1d(x, 1)`` (a classifier's global
+    pooling over ``[B, C, T]``) → ``x.mean(-1, keepdim=True)`` / ``x.amax(-1, keepdim=True)``:
+    the same values, and reductions the reduction family knows."""
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    if size not in (1, (1,), [1]) or not isinstance(node.args[0], fx.Node) or \
+            node.kwargs.get("return_indices") or (len(node.args) > 2 and node.args[2]) or \
+            isinstance(val(node), tuple):
+        return
+    fn = torch.mean if name == "adaptive_avg_pool1d" else torch.amax
+    new = _new(gm, node, fn, (node.args[0], -1), {"keepdim": True})
+    _replace(gm, node, new)
+
+
 def _signatures(target: Any) -> List[inspect.Signature]:
     """The Python signatures of a torch function (its overloads') or of a plain function."""
     from torch.fx.operator_schemas import get_signature_for_torch_op
@@ -828,6 +842,8 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             _lower_einsum(gm, node)
         elif name in ("baddbmm", "addmm") and len(node.args) >= 3:
             _lower_add_matmul(gm, node)
+        elif name in ("adaptive_avg_pool1d", "adaptive_max_pool1d"):
+            _global_pool_to_reduction(gm, node, name)
         elif name == "multi_head_attention_forward":
             _lower_mha(gm, node)
         elif name == "matmul" and not (node.op == "call_function" and
