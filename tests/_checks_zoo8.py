@@ -2,6 +2,9 @@
 gloo ranks, each in its outcome class (tests/_outcomes.py)."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 import models_zoo5 as Z5
 import models_zoo8 as Z
 from _outcomes import exact, refused
@@ -63,6 +66,12 @@ def check_statistics(rank, P, rec):
         strategies = [m.strategy for r in be.reports for m in r.matches]
         rec.true(f"{name}: all-reduced, not gathered", strategies == ["allreduce"] * len(
             strategies) and len(strategies) >= 1, str(strategies))
+    be = exact(rank, P, rec, "vector_norm / normalize over the features: local",
+               lambda: Z.Statistic(lambda y: F.normalize(y, dim=-1) *
+                                   torch.linalg.vector_norm(y, dim=-1, keepdim=True)),
+               Z.inp, T=Z.T)
+    rec.true("norms over the features: no collective", not any(
+        r.matches for r in be.reports), str([str(m) for r in be.reports for m in r.matches]))
     exact(rank, P, rec, "attention pooling softmax(x @ q, dim=1)", Z.AttentionPool, Z.inp,
           kinds={"reduction"}, T=Z.T)
     exact(rank, P, rec, "v @ x.transpose(1, 2) softmax over tokens", Z.VectorTimesTokens,

@@ -358,6 +358,8 @@ STATISTICS = {
         lambda y: torch.norm(y, float("inf"), dim=1, keepdim=True),
     "y.norm()": lambda y: y.norm(),
     "statistics pooling cat([mean, std])": lambda y: torch.cat([y.mean(1), y.std(1)], -1),
+    "torch.linalg.vector_norm(y, dim=1)": lambda y: torch.linalg.vector_norm(y, dim=1),
+    "F.normalize(y, p=1, dim=1)": lambda y: F.normalize(y, p=1, dim=1),
     "nn.AdaptiveAvgPool1d(1) on [B, C, T]":
         lambda y: nn.AdaptiveAvgPool1d(1)(y.transpose(1, 2)).squeeze(-1),
     "F.adaptive_max_pool1d(x, 1) on [B, C, T]":

@@ -572,6 +572,37 @@ def _global_pool_to_reduction(gm: fx.GraphModule, node: fx.Node, name: str) -> N
     _replace(gm, node, new)
 
 
+def _norms_to_norm(gm: fx.GraphModule, node: fx.Node, name: str) -> None:
+    """``F.normalize(x, p, dim, eps)`` → ``x / torch.norm(x, p, dim, keepdim=True)
+    .clamp_min(eps)`` (torch's own formula) and ``torch.linalg.vector_norm(x, ord, dim,
+    keepdim)`` → ``torch.norm(x, ord, dim, keepdim)``: one norm for the families (a norm over
+    the sequence — ``F.normalize``'s default ``dim=1`` on ``[B, T, D]`` — is all-reduced)."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node) or node.kwargs.get("out") is not None:
+        return
+    if name == "normalize":
+        names, defaults = ["p", "dim", "eps"], {"p": 2.0, "dim": 1, "eps": 1e-12}
+    else:
+        names, defaults = ["ord", "dim", "keepdim"], {"ord": 2, "dim": None, "keepdim": False}
+        if node.kwargs.get("dtype") is not None or len(node.args) > 4:
+            return
+    a = dict(defaults)
+    a.update(dict(zip(names, node.args[1:])))
+    a.update({k: v for k, v in node.kwargs.items() if k in names})
+    if any(k not in names for k in node.kwargs) or not isinstance(a["dim"], (int, tuple, list,
+                                                                            type(None))):
+        return
+    if name == "normalize":
+        if not isinstance(a["dim"], int) or not isinstance(a["eps"], (int, float)):
+            return
+        n = _new(gm, node, torch.norm, (x, a["p"], a["dim"]), {"keepdim": True})
+        n = _new(gm, node, torch.clamp_min, (n, a["eps"]))
+        new = _new(gm, node, operator.truediv, (x, n))
+    else:
+        new = _new(gm, node, torch.norm, (x, a["ord"], a["dim"]), {"keepdim": a["keepdim"]})
+    _replace(gm, node, new)
+
+
 def _signatures(target: Any) -> List[inspect.Signature]:
     """The Python signatures of a torch function (its overloads') or of a plain function."""
     from torch.fx.operator_schemas import get_signature_for_torch_op
@@ -844,6 +875,8 @@ def canonicalize(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             _lower_add_matmul(gm, node)
         elif name in ("adaptive_avg_pool1d", "adaptive_max_pool1d"):
             _global_pool_to_reduction(gm, node, name)
+        elif name in ("normalize", "linalg_vector_norm") and node.op == "call_function":
+            _norms_to_norm(gm, node, name)
         elif name == "multi_head_attention_forward":
             _lower_mha(gm, node)
         elif name == "matmul" and not (node.op == "call_function" and
