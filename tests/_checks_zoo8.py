@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import models_zoo5 as Z5
 import models_zoo8 as Z
-from _outcomes import exact, refused
+from _outcomes import exact, gathered, refused
 
 
 def check_fla_references(rank, P, rec):
@@ -144,6 +144,9 @@ def check_convolutions(rank, P, rec):
     for form in ("bct", "heads", "instance"):
         exact(rank, P, rec, f"group / instance norm over the sequence ({form})",
               lambda form=form: Z.GroupNormOverTime(form), Z.inp, kinds={"reduction"}, T=Z.T)
+    gathered(rank, P, rec, "F.group_norm with the sequence as channels",
+             Z.GroupNormSequenceChannels, Z.inp, ops=("group_norm",), file="models_zoo8.py",
+             T=Z.T)
     exact(rank, P, rec, "torch.batch_norm (its own argument order) in training",
           Z.TorchBatchNorm, Z.inp, kinds={"reduction"}, T=Z.T)
     running_statistics(rank, P, rec)

@@ -602,3 +602,15 @@ class LatentsPooledHead(nn.Module):
 
     def forward(self, x):
         return self.head(self.pool(x)).sum(1), self.pool(x).mean(1)
+
+
+class GroupNormSequenceChannels(nn.Module):
+    """``F.group_norm`` on ``[B, T, D]``: the sequence is the channel dim, split into groups —
+    no statistic the reduction families compute (gathered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        return F.group_norm(torch.tanh(self.lin(x)), 4)

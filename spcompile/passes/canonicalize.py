@@ -560,15 +560,18 @@ def _slicing_spellings(gm: fx.GraphModule) -> None:
 
 def _global_pool_to_reduction(gm: fx.GraphModule, node: fx.Node, name: str) -> None:
     """``F.adaptive_avg_pool1d(x, 1)`` / ``adaptive_max_pool1d(x, 1)`` (a classifier's global
-    pooling over ``[B, C, T]``) → ``x.mean(-1, keepdim=True)`` / ``x.amax(-1, keepdim=True)``:
+    pooling over ``[B, C, T]``) → ``x.mean(-1, keepdim=True)`` / ``x.max(-1, keepdim=True)[0]``:
     the same values, and reductions the reduction family knows."""
     size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
     if size not in (1, (1,), [1]) or not isinstance(node.args[0], fx.Node) or \
             node.kwargs.get("return_indices") or (len(node.args) > 2 and node.args[2]) or \
             isinstance(val(node), tuple):
         return
-    fn = torch.mean if name == "adaptive_avg_pool1d" else torch.amax
-    new = _new(gm, node, fn, (node.args[0], -1), {"keepdim": True})
+    if name == "adaptive_avg_pool1d":
+        new = _new(gm, node, torch.mean, (node.args[0], -1), {"keepdim": True})
+    else:  # the values of torch.max(x, -1): the gradient to the first maximum, as the pool's
+        new = _new(gm, node, operator.getitem,
+                   (_new(gm, node, torch.max, (node.args[0], -1), {"keepdim": True}), 0))
     _replace(gm, node, new)
 
 

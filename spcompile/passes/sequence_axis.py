@@ -1046,16 +1046,18 @@ class Analyzer:
         if isinstance(p, Shard) and p.dim == 0 and all(
                 isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
             return p
-        if isinstance(p, Shard) and p.dim >= 2 and not (p.merged or p.rows or p.order):
+        if isinstance(p, Shard) and p.dim >= 2 and not (p.merged or p.rows or p.order) and \
+                all(isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
             return Mixing("group_norm statistics over the sequence axis", p.dim)
-        return Mixing("group_norm statistics over the sequence axis")
+        return Mixing("group_norm over the sequence axis")
 
     def instance_norm(self, node: fx.Node) -> Placement:
         """``instance_norm(x [N, C, *])``: statistics per sample and channel over the trailing
         dims — the sequence among them in ``[B, C, T]``."""
         x = node.args[0]
         p = self.get(x)
-        if isinstance(p, Shard) and p.dim >= 2 and not (p.merged or p.rows or p.order):
+        if isinstance(p, Shard) and p.dim >= 2 and not (p.merged or p.rows or p.order) and \
+                all(isinstance(self.get(a), Replicate) for a in node.all_input_nodes[1:]):
             return Mixing("instance_norm statistics over the sequence axis", p.dim)
         return Mixing("instance_norm over the sequence axis")
 

@@ -884,16 +884,18 @@ class ShapeOnlySlice(Pattern):
 
 
 def _int_index_at(node: fx.Node, dim: int):
-    """The integer a getitem takes at ``dim`` (no Ellipsis, no None before it), else None."""
+    """The integer a getitem takes at ``dim`` when every other entry is a full slice (no
+    Ellipsis, no None), else None."""
     idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    d = 0
-    for i in idx:
-        if i is None or i is Ellipsis:
-            return None
+    out = None
+    for d, i in enumerate(idx):
         if d == dim:
-            return i if isinstance(i, int) and not isinstance(i, bool) else None
-        d += 1
-    return None
+            if not isinstance(i, int) or isinstance(i, bool):
+                return None
+            out = i
+        elif i != slice(None):
+            return None
+    return out
 
 
 def _diff_sp(x, dim: int, prepend, group_name: str):
@@ -1463,8 +1465,11 @@ class SequenceGroupNorm(Pattern):
             if not reason.endswith("statistics over the sequence axis"):
                 continue
             x = node.args[0]
-            sx = shape(x)
-            if node.op != "call_function" or sx is None or len(sx) < 3:
+            sx, px = shape(x), ctx.placements.get(x)
+            if node.op != "call_function" or sx is None or len(sx) < 3 or \
+                    not isinstance(px, Shard) or px.dim < 2 or px.merged or px.rows or \
+                    px.order or not all(isinstance(ctx.placements.get(a), Replicate)
+                                        for a in node.all_input_nodes[1:]):
                 yield FailedMatch(self.name, node, "normalisation arguments not understood")
                 continue
             if node.target is Fn.group_norm:
