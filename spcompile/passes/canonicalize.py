@@ -28,8 +28,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import (FRESH_FILLS, canonical_name, eliminate_dead_code, inside_vmap, mutates,
-                          set_meta, shape, stateful, tensor_val, val)
+from .graph_utils import (FRESH_FILLS, bind_args, canonical_name, eliminate_dead_code,
+                          inside_vmap, mutates, one_entry_index, set_meta, shape, stateful,
+                          tensor_val, val)
 from .pipeline import Ctx, register_pass
 
 _METHODS_TO_FUNCTIONS = {
@@ -281,25 +282,12 @@ def _fill_value(buf: fx.Node):
 def _one_slice_index(idx, nd: int):
     """``(dim, start, stop)`` when ``idx`` is full slices except one ``a:b`` (step 1) slice,
     else None (``buf[:, 1:]``, ``buf[..., :-1, :]``)."""
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    if sum(1 for i in idx if i is Ellipsis) > 1 or any(i is None for i in idx):
+    e = one_entry_index(idx, nd)
+    if e is None or not isinstance(e[1], slice) or e[1].step not in (None, 1) or \
+            not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                    for v in (e[1].start, e[1].stop)):
         return None
-    n_real = sum(1 for i in idx if i is not Ellipsis)
-    out, cur = None, 0
-    for i in idx:
-        if i is Ellipsis:
-            cur += nd - n_real
-            continue
-        if not isinstance(i, slice) or i.step not in (None, 1):
-            return None
-        if (i.start, i.stop) != (None, None):
-            if out is not None or not all(v is None or (isinstance(v, int) and
-                                                        not isinstance(v, bool))
-                                          for v in (i.start, i.stop)):
-                return None
-            out = (cur, i.start, i.stop)
-        cur += 1
-    return out
+    return e[0], e[1].start, e[1].stop
 
 
 def _fresh_buffer_slice_writes(gm: fx.GraphModule) -> None:
@@ -366,23 +354,9 @@ def _fresh_buffer_slice_writes(gm: fx.GraphModule) -> None:
 def _slot_index(idx, nd: int):
     """``(dim, i)`` when ``idx`` is full slices except one integer ``i`` (``S[:, :, i]``,
     ``S[..., i, :]``), else None."""
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    if sum(1 for i in idx if i is Ellipsis) > 1 or any(i is None for i in idx):
-        return None
-    n_real = sum(1 for i in idx if i is not Ellipsis)
-    out, cur = None, 0
-    for i in idx:
-        if i is Ellipsis:
-            cur += nd - n_real
-            continue
-        if isinstance(i, int) and not isinstance(i, bool):
-            if out is not None:
-                return None
-            out = (cur, i)
-        elif i != slice(None):
-            return None
-        cur += 1
-    return out
+    e = one_entry_index(idx, nd)
+    return e if e is not None and isinstance(e[1], int) and not isinstance(e[1], bool) \
+        else None
 
 
 def _forward_slot_reads(gm: fx.GraphModule) -> None:
@@ -440,8 +414,9 @@ def _forward_slot_reads(gm: fx.GraphModule) -> None:
                 dims.add(si[0])
             elif canonical_name(u) == "getitem" and u.args[0] is buf and \
                     _slot_index(u.args[1], bv.dim()) is not None:
-                events.append(("r", u, _slot_index(u.args[1], bv.dim())))
-                dims.add(events[-1][2][0])
+                si = _slot_index(u.args[1], bv.dim())
+                events.append(("r", u, si))
+                dims.add(si[0])
             else:
                 events.append(("other", u, None))
         writes = [e for e in events if e[0] == "w"]
@@ -589,9 +564,7 @@ def _norms_to_norm(gm: fx.GraphModule, node: fx.Node, name: str) -> None:
         names, defaults = ["ord", "dim", "keepdim"], {"ord": 2, "dim": None, "keepdim": False}
         if node.kwargs.get("dtype") is not None or len(node.args) > 4:
             return
-    a = dict(defaults)
-    a.update(dict(zip(names, node.args[1:])))
-    a.update({k: v for k, v in node.kwargs.items() if k in names})
+    a = bind_args(node, names, defaults)
     if any(k not in names for k in node.kwargs) or not isinstance(a["dim"], (int, tuple, list,
                                                                             type(None))):
         return

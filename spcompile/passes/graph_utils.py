@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -214,6 +214,36 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def bind_args(node: fx.Node, names: Sequence[str], defaults: Optional[dict] = None) -> dict:
+    """The arguments after the first, by name: ``names`` in positional order, then the keywords
+    among ``names`` (others are left out), over ``defaults``."""
+    out = dict(defaults or {})
+    out.update(dict(zip(names, node.args[1:])))
+    out.update({k: v for k, v in node.kwargs.items() if k in names})
+    return out
+
+
+def one_entry_index(idx: Any, nd: int) -> Optional[Tuple[int, Any]]:
+    """``(dim, entry)`` when a getitem index over ``nd`` dims is full slices except one entry
+    (``S[:, :, i]``, ``buf[..., :-1, :]``; ``Ellipsis`` expanded), else None (no such entry,
+    several, or a ``None``)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if sum(1 for i in idx if i is Ellipsis) > 1 or any(i is None for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not Ellipsis)
+    out, cur = None, 0
+    for i in idx:
+        if i is Ellipsis:
+            cur += nd - n_real
+            continue
+        if not (isinstance(i, slice) and i == slice(None)):
+            if out is not None:
+                return None
+            out = (cur, i)
+        cur += 1
+    return out
 
 
 def ancestors(node: fx.Node, stop: Optional[Set[fx.Node]] = None) -> Set[fx.Node]:

@@ -30,7 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_utils import ancestors as _ancestors, arg, canonical_name, shape, tensor_val, val
+from .graph_utils import (ancestors as _ancestors, arg, bind_args, canonical_name, shape,
+                          tensor_val, val)
 from .pipeline import Ctx, register_pass
 
 
@@ -177,9 +178,7 @@ def reduction_args(node: fx.Node, name: str) -> Optional[Dict[str, Any]]:
     if name == "norm":
         if len(a) > 3:
             return None  # (out= / dtype= given positionally)
-        names = ["p", "dim", "keepdim"]
-        vals = dict(zip(names, a))
-        vals.update({k: v for k, v in kw.items() if k in names})
+        vals = bind_args(node, ["p", "dim", "keepdim"])
         out["p"] = vals.get("p", "fro")
         out["dims"] = vals.get("dim")
         out["keepdim"] = vals.get("keepdim", False)
@@ -207,10 +206,8 @@ def reduction_args(node: fx.Node, name: str) -> Optional[Dict[str, Any]]:
             return None
         out.update(dims=dims, keepdim=keep, correction=float(corr))
     elif name == "logsumexp":
-        names = ["dim", "keepdim"]
-        vals = dict(zip(names, a))
-        vals.update({k: v for k, v in kw.items() if k in names})
-        out["dims"], out["keepdim"] = vals.get("dim"), vals.get("keepdim", False)
+        vals = bind_args(node, ["dim", "keepdim"], {"keepdim": False})
+        out["dims"], out["keepdim"] = vals.get("dim"), vals["keepdim"]
     else:
         return None
     d = out["dims"]
@@ -235,9 +232,7 @@ def batch_norm_args(node: fx.Node) -> Optional[Dict[str, Any]]:
         defaults = {}
     else:
         return None
-    out = dict(defaults)
-    out.update(dict(zip(names, node.args[1:])))
-    out.update({k: v for k, v in node.kwargs.items() if k in names})
+    out = bind_args(node, names, defaults)
     if not all(k in out for k in ("running_mean", "running_var", "weight", "bias", "training",
                                   "momentum", "eps")):
         return None

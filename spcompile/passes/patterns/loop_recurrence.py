@@ -613,9 +613,6 @@ class LoopRecurrence(Pattern):
                                                 enumerate(tensors[1:])) and \
                     all(chain_of[t][0] == chain_of[tensors[0]][0] for t in tensors[1:]):
                 L.entering.add(cmb)  # the states entering steps 0 .. n-1
-                tensors = None
-            if tensors is None:
-                pass
             elif not isinstance(tensors, (list, tuple)) or \
                     [L.body.get(t) for t in tensors] != list(range(L.n)):
                 return fail(f"{canonical_name(cmb)} at {cmb.name} does not take one value per "

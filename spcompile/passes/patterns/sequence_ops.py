@@ -29,8 +29,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ... import ops as spops
-from ..graph_utils import (arg, canonical_name, evaluate, mutates, set_meta, shape, tensor_val,
-                           val)
+from ..graph_utils import (arg, bind_args, canonical_name, evaluate, mutates, one_entry_index,
+                           set_meta, shape, tensor_val, val)
 from ..pipeline import Ctx, source_line
 from ..sequence_axis import (ONE_TOKEN_SLICE, Pair, Replicate, Shard, flip_dims,
                              positions_form)
@@ -854,7 +854,9 @@ class ShapeOnlySlice(Pattern):
                 continue
             if not isinstance(px, Shard) or px.merged or sx is None or so is None:
                 continue
-            if len(so) == len(sx) - 1 and _int_index_at(node, px.dim) is not None:
+            e = one_entry_index(node.args[1], len(sx))
+            if len(so) == len(sx) - 1 and e is not None and e[0] == px.dim and \
+                    isinstance(e[1], int) and not isinstance(e[1], bool):
                 # ``torch.zeros_like(kv[:, 0])`` (a loop's initial state): any token will do
                 yield Match(self.kind, self.name, node, bindings={"x": x},
                             info={"dim": px.dim, "length": None})
@@ -882,20 +884,6 @@ class ShapeOnlySlice(Pattern):
         _replace_call(gm, ctx, m, torch.narrow, (m.bindings["x"], m.info["dim"], 0,
                                                  m.info["length"]), Replicate())
 
-
-def _int_index_at(node: fx.Node, dim: int):
-    """The integer a getitem takes at ``dim`` when every other entry is a full slice (no
-    Ellipsis, no None), else None."""
-    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    out = None
-    for d, i in enumerate(idx):
-        if d == dim:
-            if not isinstance(i, int) or isinstance(i, bool):
-                return None
-            out = i
-        elif i != slice(None):
-            return None
-    return out
 
 
 def _diff_sp(x, dim: int, prepend, group_name: str):
@@ -1283,19 +1271,33 @@ def _global_logsumexp(x, dims, keepdim: bool, group_name: str):
     return _drop(out, dims, keepdim)
 
 
-def _global_var(x, dims, correction: float, keepdim: bool, std: bool, P: int,
-                group_name: str):
-    """``var`` / ``std`` over dims that include the sharded one (every rank holds as many
-    elements): the global mean, then the global sum of squared deviations from it, divided by
-    ``N - correction`` as torch does."""
-    dims = _reduced_dims(dims, x.dim())
+def _global_moments(x, dims, P: int, group_name: str):
+    """(mean, sum of squared deviations from it, element count) over ``dims``, which include
+    the sharded one, across all ranks (every rank holds as many elements): the global mean
+    first, then the deviations from it — two all-reduces, stable as torch's own."""
     n = 1
     for d in dims:
         n *= x.shape[d]
-    xf = x if x.is_floating_point() else x.float()
-    mean = spops.allreduce(xf.mean(dims, keepdim=True), "sum", group_name) / P
-    ss = spops.allreduce(((xf - mean) ** 2).sum(dims, keepdim=True), "sum", group_name)
-    var = ss / max(n * P - correction, 0)
+    mean = spops.allreduce(x.mean(dims, keepdim=True), "sum", group_name) / P
+    ss = spops.allreduce(((x - mean) ** 2).sum(dims, keepdim=True), "sum", group_name)
+    return mean, ss, n * P
+
+
+def _channel_affine(y, weight, bias):
+    """``y * weight + bias`` per channel (dim 1) of ``[N, C, *]``."""
+    shp = [1, y.shape[1]] + [1] * (y.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shp)
+    return y + bias.view(shp) if bias is not None else y
+
+
+def _global_var(x, dims, correction: float, keepdim: bool, std: bool, P: int,
+                group_name: str):
+    """``var`` / ``std`` over dims that include the sharded one: the global sum of squared
+    deviations divided by ``N - correction`` as torch does."""
+    dims = _reduced_dims(dims, x.dim())
+    _, ss, N = _global_moments(x if x.is_floating_point() else x.float(), dims, P, group_name)
+    var = ss / max(N - correction, 0)
     out = var.sqrt() if std else var
     return _drop(out, dims, keepdim)
 
@@ -1374,21 +1376,11 @@ def _global_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps
     as many elements per channel): the statistics over the batch and the whole sequence from
     two all-reduces (the global mean, then the squared deviations), the running statistics
     updated as on one device (the unbiased variance, ``N / (N - 1)``)."""
-    dims = [0] + list(range(2, x.dim()))
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    N = n * P
     out_dtype = x.dtype
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # (torch's accumulation)
-    mean = spops.allreduce(x.mean(dims, keepdim=True), "sum", group_name) / P
-    var = spops.allreduce(((x - mean) ** 2).sum(dims, keepdim=True), "sum", group_name) / N
-    y = (x - mean) * torch.rsqrt(var + eps)
-    shp = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.view(shp)
-    if bias is not None:
-        y = y + bias.view(shp)
+    mean, ss, N = _global_moments(x, [0] + list(range(2, x.dim())), P, group_name)
+    var = ss / N
+    y = _channel_affine((x - mean) * torch.rsqrt(var + eps), weight, bias)
     if running_mean is not None and momentum is not None:
         m = float(momentum)
         running_mean.mul_(1 - m).add_(mean.detach().flatten().to(running_mean.dtype) * m)
@@ -1410,20 +1402,11 @@ class SequenceBatchNorm(Pattern):
         for node, reason in _mixing(ctx, "batch_norm"):
             if reason != "batch statistics over the sequence":
                 continue
-            ba = batch_norm_args(node)
-            if ba is None:
-                yield FailedMatch(self.name, node, "batch_norm arguments not understood")
-                continue
-            rm, rv, momentum, eps = ba["running_mean"], ba["running_var"], ba["momentum"], \
-                ba["eps"]
-            if not isinstance(momentum, (int, float, type(None))) or \
-                    not isinstance(eps, (int, float)):
-                yield FailedMatch(self.name, node, "batch_norm with non-literal momentum/eps")
-                continue
+            ba = batch_norm_args(node)  # (the rule read them already: plain numbers)
             yield Match(self.kind, self.name, node,
-                        bindings={"x": node.args[0], "rm": rm, "rv": rv,
-                                  "w": ba["weight"], "b": ba["bias"]},
-                        info={"momentum": momentum, "eps": float(eps),
+                        bindings={"x": node.args[0], "rm": ba["running_mean"],
+                                  "rv": ba["running_var"], "w": ba["weight"], "b": ba["bias"]},
+                        info={"momentum": ba["momentum"], "eps": float(ba["eps"]),
                               "dim": ctx.placements[node.args[0]].dim})
 
     def rewrite(self, gm, ctx: Ctx, m: Match) -> None:
@@ -1440,16 +1423,9 @@ def _global_group_norm(x, groups: int, weight, bias, eps: float, P: int, group_n
     out_dtype = x.dtype
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     g = xf.reshape(x.shape[0], groups, -1)
-    n = g.shape[-1] * P
-    mean = spops.allreduce(g.mean(-1, keepdim=True), "sum", group_name) / P
-    var = spops.allreduce(((g - mean) ** 2).sum(-1, keepdim=True), "sum", group_name) / n
-    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    shp = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.view(shp)
-    if bias is not None:
-        y = y + bias.view(shp)
-    return y.to(out_dtype)
+    mean, ss, N = _global_moments(g, [-1], P, group_name)
+    y = ((g - mean) * torch.rsqrt(ss / N + eps)).reshape(x.shape)
+    return _channel_affine(y, weight, bias).to(out_dtype)
 
 
 class SequenceGroupNorm(Pattern):
@@ -1473,16 +1449,12 @@ class SequenceGroupNorm(Pattern):
                 yield FailedMatch(self.name, node, "normalisation arguments not understood")
                 continue
             if node.target is Fn.group_norm:
-                names = ["num_groups", "weight", "bias", "eps"]
-                a = dict(zip(names, node.args[1:]))
-                a.update({k: v for k, v in node.kwargs.items() if k in names})
+                a = bind_args(node, ["num_groups", "weight", "bias", "eps"])
                 G, w, b, eps = a.get("num_groups"), a.get("weight"), a.get("bias"), \
                     a.get("eps", 1e-5)
             elif node.target is Fn.instance_norm:
-                names = ["running_mean", "running_var", "weight", "bias", "use_input_stats",
-                         "momentum", "eps"]
-                a = dict(zip(names, node.args[1:]))
-                a.update({k: v for k, v in node.kwargs.items() if k in names})
+                a = bind_args(node, ["running_mean", "running_var", "weight", "bias",
+                                     "use_input_stats", "momentum", "eps"])
                 if a.get("running_mean") is not None or a.get("running_var") is not None or \
                         a.get("use_input_stats", True) is not True:
                     yield FailedMatch(self.name, node, "instance_norm with running statistics")
