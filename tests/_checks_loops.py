@@ -1,6 +1,7 @@
 """Worker-side checks for tests/test_loops_dist.py: recurrences written as Python loops
 (tests/models_loops.py) sharded on gloo ranks against the full-sequence eager run — exact with
-zero fallbacks where the loop carries an affine state, a clear refusal where it does not."""
+zero fallbacks where the loop carries an affine state (or runs as a relay), a clear refusal where
+its body depends on the step."""
 from __future__ import annotations
 
 import warnings
@@ -60,8 +61,9 @@ def check_block_loops(rank, P, rec):
 
 
 def check_refusals(rank, P, rec):
-    refused(rank, P, rec, "GRU cell loop", ML.GRULoop, ["loop over", "affine"])
-    refused(rank, P, rec, "GRU cell over x.unbind(1)", ML.GRUUnbindLoop, ["loop over", "unbind"])
+    # (nonlinear cells: no all-gather form, run as a relay — tests/test_relay_dist.py)
+    exact(rank, P, rec, "GRU cell loop (relay)", ML.GRULoop)
+    exact(rank, P, rec, "GRU cell over x.unbind(1) (relay)", ML.GRUUnbindLoop)
     refused(rank, P, rec, "loop reading its counter", ML.CounterLoop,
             ["loop over", "step number"])
     refused(rank, P, rec, "blocks that do not tile the shards alike", ML.PartialBlockLoop,

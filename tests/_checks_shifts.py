@@ -85,7 +85,7 @@ def check_constant_mix(rank, P, rec):
 
 
 def check_whole_sequence(rank, P, rec):
-    refused(rank, P, rec, "gated delta rule loop", Z.GatedDeltaLoop, T=16,
-            text=("delta rule", "gather_sequence(x, grad='reduce_scatter')"))
+    exact(rank, P, rec, "gated delta rule loop (relay)", Z.GatedDeltaLoop, T=16,
+          kinds={"loop_scan"})
     exact(rank, P, rec, "gated delta rule on the whole sequence (gather, layer, shard)",
           Z.GatedDeltaOnWholeSequence, T=16, reference=Z.GatedDeltaLoop)

@@ -230,8 +230,8 @@ def check_batchnorm(rank, P, rec):
 def check_refused(rank, P, rec):
     refused(rank, P, rec, "xLSTM reference form (cat + repeat(1, 1, 1, S + 1))",
             lambda: Z.MLSTMLayer(form="repeat"), text=("recomputing it for the global",))
-    refused(rank, P, rec, "DeltaNet recurrence as a loop over tokens", Z.DeltaNetRecurrent,
-            text=("loop over", "@spcompile.linear_attention"))
+    _outcomes.exact(rank, P, rec, "DeltaNet recurrence as a loop over tokens (relay)",
+                    Z.DeltaNetRecurrent, kinds={"loop_scan"})
     import torch._dynamo.config as cfg
     old = cfg.capture_dynamic_output_shape_ops
     cfg.capture_dynamic_output_shape_ops = True

@@ -7,14 +7,13 @@ from _outcomes import exact, gathered, refused
 
 
 def check_recurrent_modules(rank, P, rec):
-    gathered(rank, P, rec, "nn.GRU between projections", Z.GRULayer, ops=("gru",),
-             file="models_zoo7.py")
-    gathered(rank, P, rec, "2-layer nn.LSTM, final (h, c) used", Z.TwoLayerLSTM, ops=("lstm",),
-             file="models_zoo7.py")
-    gathered(rank, P, rec, "time-major nn.RNN", Z.TimeMajorRNN, ops=("rnn_tanh",),
-             file="models_zoo7.py")
-    refused(rank, P, rec, "nn.GRUCell stepped in a Python loop", Z.GRUCellLoop,
-            text=("Python loop", "local count"))
+    # (run as a relay: torch.gru's hx is the state entering the rank — tests/test_relay_dist.py)
+    exact(rank, P, rec, "nn.GRU between projections (relay)", Z.GRULayer, kinds={"loop_scan"})
+    exact(rank, P, rec, "2-layer nn.LSTM, final (h, c) used (relay)", Z.TwoLayerLSTM,
+          kinds={"loop_scan"})
+    exact(rank, P, rec, "time-major nn.RNN (relay)", Z.TimeMajorRNN, kinds={"loop_scan"})
+    exact(rank, P, rec, "nn.GRUCell stepped in a Python loop (relay)", Z.GRUCellLoop,
+          kinds={"loop_scan"})
 
 
 def check_blocks(rank, P, rec):

@@ -3,8 +3,8 @@ out as small models:
 
 * torch's fused recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``): Dynamo broke the graph
   at them by default and ran them eagerly on the shard, each rank's recurrence restarting from
-  zero (silently wrong); spcompile now has them traced (Dynamo's ``allow_rnn``) and gathers
-  them;
+  zero (silently wrong); spcompile now has them traced (Dynamo's ``allow_rnn``) and runs
+  them as a relay (``hx`` is the state entering the rank);
 * attention within blocks of the sequence (``x.view(B, T // C, C, D)`` into SDPA, heads inside
   the blocks): the blocks are a batch dim of the attention, local to each rank;
 * a block split written with ``-1``: ``view(B, -1, C, D)`` (fixed blocks; at one block per rank

@@ -48,13 +48,23 @@ def test_block_loop_with_a_dead_last_update_is_rebuilt():
 
 @pytest.mark.parametrize("model,words", [
     (ML.CounterLoop, "step number"),
-    (ML.GRULoop, "affine"),
     (ML.PartialBlockLoop, "step number"),
 ])
 def test_refused_loops_say_which_check_failed(model, words):
     with pytest.raises(Exception) as e:
         _plan(model(), T=16, P=2)
     assert "loop over" in str(e.value) and words in str(e.value)
+
+
+def test_a_nonlinear_cell_loop_becomes_one_relay_region():
+    """A GRU cell has no all-gather form: the whole unrolled loop is lifted into one
+    relay_region call (its cells leave the model's graph)."""
+    rep = _plan(ML.GRULoop(), T=16, P=2)
+    loops = [m for m in rep.matches if m.kind == "loop_scan"]
+    assert [m.pattern for m in loops] == ["loop_relay"] and loops[0].strategy == "relay"
+    assert "steps=16" in loops[0].detail and not rep.fallbacks
+    names = _targets(rep.graph)
+    assert names.count("relay_region") == 1 and "gru_cell" not in names
 
 
 def test_p1_leaves_the_loop_alone():

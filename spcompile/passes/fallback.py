@@ -887,6 +887,10 @@ def _refuse_loops_over_the_sequence(ctx: Ctx) -> None:
              "of DeltaNet / Gated DeltaNet, S - beta k (k S)) has no sequence-parallel form in "
              "spcompile yet." if why and "not affine in its state" in why[0] else "")
     why = (f" Not rewritten as a loop with a carried state: {why[0]}." if why else "")
+    relay = [f.reason for f in ctx.near_misses if f.pattern == "loop_relay"]
+    if relay:
+        delta = ""
+        why += f" Not run as a relay (each rank's loop after the one before): {relay[0]}."
 
     def refuse(what: str):
         raise SequenceParallelError(

@@ -37,7 +37,8 @@ from .pipeline import Ctx, register_pass
 
 # fresh tensors shaped like their input (its values are not read)
 _SHAPE_LIKE = {"ones_like", "zeros_like", "full_like", "empty_like"}
-# torch's fused recurrent layers (traced since spcompile sets Dynamo's allow_rnn): gathered
+# torch's fused recurrent layers (traced since spcompile sets Dynamo's allow_rnn): relayed
+# (patterns/loop_relay.py), or gathered when bidirectional
 _RNN_OPS = {"gru": "nn.GRU", "lstm": "nn.LSTM", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN"}
 
 

@@ -27,8 +27,11 @@ from .chunk_recurrence import ChunkStateRecurrence  # noqa: E402 (before the mas
 REGISTRY.insert(1, ChunkStateRecurrence)
 from .loop_recurrence import LoopRecurrence  # noqa: E402 (owns the whole unrolled loop)
 REGISTRY.insert(2, LoopRecurrence)
+from .loop_relay import LoopRelay, RNNRelay  # noqa: E402 (loops with no all-gather form)
+REGISTRY.insert(3, LoopRelay)
+REGISTRY.insert(4, RNNRelay)
 from .associative_scan import AssociativeScan  # noqa: E402 (owns the inlined scan)
-REGISTRY.insert(3, AssociativeScan)
+REGISTRY.insert(5, AssociativeScan)
 from .token_dispatch import TokenDispatch  # noqa: E402 (reports MoE dispatch; rewrites nothing)
 REGISTRY.append(TokenDispatch)
 

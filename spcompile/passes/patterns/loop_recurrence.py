@@ -226,6 +226,75 @@ TWO_STEPS = ("the last step's update is unused and there are only two steps per 
              "rank, or use the final state: return it with the output)")
 
 
+def step_read_groups(gm: fx.GraphModule, ctx: Ctx):
+    """The reads of an unrolled loop: ``(spans, {read: span})`` per group of getitems (or
+    unbind/split pieces) of sharded values whose spans tile this rank's ``[0, T_local)`` (or miss
+    only the last step's, read by a dead update), one group per distinct tiling."""
+    T = ctx.seq_len
+    if T is None:
+        return
+    pl = ctx.placements
+    by_src: Dict[fx.Node, List[Tuple[fx.Node, Tuple[int, int]]]] = {}
+    for node, reason in list(ctx.mixing.items()):
+        if canonical_name(node) != "getitem" or reason not in _INDEXING or not node.users:
+            continue
+        p = pl.get(node.args[0])
+        if not isinstance(p, Shard) or p.merged:
+            continue
+        if all(canonical_name(u) in _SHAPE_ONLY for u in node.users):
+            continue  # ``zeros_like(kv[:, 0])``: lends a shape, reads no step's tokens
+        sx = shape(node.args[0])
+        sp = _axis_span(node, p.dim, sx[p.dim], T) if sx is not None else None
+        if sp is not None:
+            by_src.setdefault(node.args[0], []).append((node, sp))
+    # ``for h_t in h.unbind(1)`` / ``for blk in h.split(C, dim=1)``: the pieces are the reads
+    for node, _ in list(ctx.mixing.items()):
+        name = canonical_name(node)
+        if name not in ("unbind", "split") or not node.users:
+            continue
+        x = node.args[0]
+        p = pl.get(x)
+        if not isinstance(p, Shard) or p.merged or shape(x) is None:
+            continue
+        nd = len(shape(x))
+        if name == "unbind":
+            d, C = arg(node, 1, "dim", 0), 1
+        else:
+            C = arg(node, 1, "split_size", node.kwargs.get("split_size_or_sections"))
+            d = arg(node, 2, "dim", 0)
+        if not isinstance(C, int) or isinstance(C, bool) or C < 1 or not isinstance(d, int) \
+                or d % nd != p.dim:
+            continue
+        pieces = -(-T // C)
+        rs = []
+        for u in node.users:
+            if canonical_name(u) != "getitem" or not isinstance(u.args[1], int):
+                rs = []
+                break
+            k = u.args[1] % pieces
+            rs.append((u, (k * C, min((k + 1) * C, T))))
+        if rs:
+            by_src[node] = rs
+    groups: Dict[tuple, Dict[fx.Node, Tuple[int, int]]] = {}
+    for src, rs in by_src.items():
+        spans = [sp for _, sp in rs]
+        if tiles_axis(spans, T):
+            groups.setdefault(tuple(sorted(set(spans))), {}).update(dict(rs))
+        else:
+            full = _missing_last(spans, T)
+            if full is not None:  # read by the last step's (dead) update only
+                groups.setdefault(full, {}).update(dict(rs))
+    for spans, reads in groups.items():
+        # a source computed from this group's reads belongs to a later loop (the next
+        # layer, fed by this loop's outputs): found once this loop is rewritten
+        srcs = {r.args[0] for r in reads}
+        later = {src for src in srcs if ancestors(src) & set(reads)}
+        reads = {r: sp for r, sp in reads.items() if r.args[0] not in later}
+        if not reads:
+            continue
+        yield spans, reads
+
+
 class _Loop:
     """What ``find`` learned about one unrolled loop (the rewrite reads it)."""
 
@@ -259,68 +328,7 @@ class LoopRecurrence(Pattern):
     kind = "loop_scan"
 
     def find(self, gm: fx.GraphModule, ctx: Ctx) -> Iterable[Found]:
-        T = ctx.seq_len
-        if T is None:
-            return
-        pl = ctx.placements
-        by_src: Dict[fx.Node, List[Tuple[fx.Node, Tuple[int, int]]]] = {}
-        for node, reason in list(ctx.mixing.items()):
-            if canonical_name(node) != "getitem" or reason not in _INDEXING or not node.users:
-                continue
-            p = pl.get(node.args[0])
-            if not isinstance(p, Shard) or p.merged:
-                continue
-            if all(canonical_name(u) in _SHAPE_ONLY for u in node.users):
-                continue  # ``zeros_like(kv[:, 0])``: lends a shape, reads no step's tokens
-            sx = shape(node.args[0])
-            sp = _axis_span(node, p.dim, sx[p.dim], T) if sx is not None else None
-            if sp is not None:
-                by_src.setdefault(node.args[0], []).append((node, sp))
-        # ``for h_t in h.unbind(1)`` / ``for blk in h.split(C, dim=1)``: the pieces are the reads
-        for node, _ in list(ctx.mixing.items()):
-            name = canonical_name(node)
-            if name not in ("unbind", "split") or not node.users:
-                continue
-            x = node.args[0]
-            p = pl.get(x)
-            if not isinstance(p, Shard) or p.merged or shape(x) is None:
-                continue
-            nd = len(shape(x))
-            if name == "unbind":
-                d, C = arg(node, 1, "dim", 0), 1
-            else:
-                C = arg(node, 1, "split_size", node.kwargs.get("split_size_or_sections"))
-                d = arg(node, 2, "dim", 0)
-            if not isinstance(C, int) or isinstance(C, bool) or C < 1 or not isinstance(d, int) \
-                    or d % nd != p.dim:
-                continue
-            pieces = -(-T // C)
-            rs = []
-            for u in node.users:
-                if canonical_name(u) != "getitem" or not isinstance(u.args[1], int):
-                    rs = []
-                    break
-                k = u.args[1] % pieces
-                rs.append((u, (k * C, min((k + 1) * C, T))))
-            if rs:
-                by_src[node] = rs
-        groups: Dict[tuple, Dict[fx.Node, Tuple[int, int]]] = {}
-        for src, rs in by_src.items():
-            spans = [sp for _, sp in rs]
-            if tiles_axis(spans, T):
-                groups.setdefault(tuple(sorted(set(spans))), {}).update(dict(rs))
-            else:
-                full = _missing_last(spans, T)
-                if full is not None:  # read by the last step's (dead) update only
-                    groups.setdefault(full, {}).update(dict(rs))
-        for spans, reads in groups.items():
-            # a source computed from this group's reads belongs to a later loop (the next
-            # layer, fed by this loop's outputs): found once this loop is rewritten
-            srcs = {r.args[0] for r in reads}
-            later = {src for src in srcs if ancestors(src) & set(reads)}
-            reads = {r: sp for r, sp in reads.items() if r.args[0] not in later}
-            if not reads:
-                continue
+        for spans, reads in step_read_groups(gm, ctx):
             found = self._match(gm, ctx, list(spans), reads)
             if found is not None:
                 yield found

@@ -1,0 +1,95 @@
+"""Worker-side checks for tests/test_relay_dist.py: loops run as a relay (tests/models_relay.py)
+on gloo ranks, each in its outcome class (tests/_outcomes.py), and the graph they leave."""
+from __future__ import annotations
+
+import torch
+
+import models_relay as M
+from _outcomes import exact, gathered, refused
+
+
+def _relays(be):
+    """(relay matches, relay_region calls left in the rewritten graphs, loop reads left)."""
+    ms = [m for r in be.reports for m in r.matches if m.pattern == "loop_relay"]
+    return ms
+
+
+def check_cells(rank, P, rec):
+    be = exact(rank, P, rec, "GRUCell loop", M.TwoGRULayers, M.inp, kinds={"loop_scan"})
+    ms = _relays(be)
+    rec.true("two GRU layers: two relays, strategy 'relay'",
+             len(ms) == 2 and all(m.strategy == "relay" for m in ms),
+             str([(m.pattern, m.strategy) for m in ms]))
+    rec.true("two GRU layers: one step per local token",
+             [m.info.get("steps") for m in ms] == [M.T // P] * 2, str([m.info for m in ms]))
+    exact(rank, P, rec, "LSTMCell loop, h = c = zeros (two carried states)", M.LSTMCellLoop,
+          M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "GRU, learned h0, final state used and returned", M.GRULearnedH0Final,
+          M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "Elman RNN, exclusive readout, final state unused",
+          M.ElmanExclusive, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "nonlinear state over blocks of 4 tokens", M.BlockRNN, M.inp,
+          kinds={"loop_scan"})
+
+
+def check_delta_rule(rank, P, rec):
+    be = exact(rank, P, rec, "DeltaNet, fla naive_delta_rule (o[:, :, i] = ..., S returned)",
+               M.DeltaNetNaive, M.inp, kinds={"loop_scan"})
+    ms = _relays(be)
+    rec.true("DeltaNet: one relay carrying S", len(ms) == 1 and ms[0].info["states"] >= 1,
+             str([m.info for m in ms]))
+    exact(rank, P, rec, "xLSTM recurrent mLSTM (max stabiliser, state (C, n, m))",
+          M.MLSTMRecurrent, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "causal SDPA then a GRU loop", M.HybridSDPAGRU, M.inp,
+          kinds={"attention", "loop_scan"})
+
+
+def check_rnn_modules(rank, P, rec):
+    be = exact(rank, P, rec, "2-layer nn.GRU from a learned h0, final state returned",
+               M.GRUModuleH0, M.inp, kinds={"loop_scan"})
+    rec.true("nn.GRU: matched by rnn_relay",
+             [m.pattern for r in be.reports for m in r.matches] == ["rnn_relay"],
+             str([m.pattern for r in be.reports for m in r.matches]))
+    gathered(rank, P, rec, "bidirectional nn.GRU", M.BiGRU, M.inp, ops=("gru",),
+             file="models_relay.py")
+
+
+def check_graph(rank, P, rec):
+    """The loop is gone from the graph: one relay_region call, no per-token read left."""
+    import spcompile
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    be = spcompile.backend()
+    model = M.GRULearnedH0Final()
+    x = spcompile.shard_sequence(M.inp()[0], dim=1)
+    torch.compile(model, backend=be)(x)
+    gm = be.reports[0].graph if hasattr(be.reports[0], "graph") else None
+    rec.true("relay graph: report has the rewritten graph", gm is not None, str(type(gm)))
+    if gm is None:
+        return
+    calls = [n for n in gm.graph.nodes if "relay_region" in str(n.target)]
+    cells = [n for n in gm.graph.nodes if "gru_cell" in str(n.target)]
+    rec.true("relay graph: one relay_region call, no gru_cell left in the model graph",
+             len(calls) == 1 and not cells, f"{len(calls)} relays, {len(cells)} cells")
+
+
+def check_refusals(rank, P, rec):
+    refused(rank, P, rec, "GRU over reversed(range(T))", M.ReversedGRU, M.inp,
+            text=("last token to the first", "torch.flip"))
+    refused(rank, P, rec, "GRU state from this rank's first token", M.GRUFromFirstToken, M.inp,
+            text=("loop over",))
+    refused(rank, P, rec, "GRU, a middle step's output used after the loop",
+            M.GRUStepValueUsed, M.inp, text=("loop over",))
+    refused(rank, P, rec, "Elman exclusive readout, two tokens per rank", M.ElmanExclusive,
+            lambda: [torch.randn(M.B, 2 * P, M.D)], T=2 * P, text=("only two steps per rank",))
+
+
+def check_p4(rank, P, rec):
+    exact(rank, P, rec, "P4: two GRU layers", M.TwoGRULayers, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: DeltaNet naive", M.DeltaNetNaive, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: LSTMCell loop", M.LSTMCellLoop, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: Elman exclusive", M.ElmanExclusive, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: xLSTM mLSTM recurrent", M.MLSTMRecurrent, M.inp,
+          kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: 2-layer nn.GRU from a learned h0", M.GRUModuleH0, M.inp,
+          kinds={"loop_scan"})
