@@ -54,6 +54,36 @@ def check_rnn_modules(rank, P, rec):
              file="models_relay.py")
 
 
+def check_dropout(rank, P, rec):
+    """The gradient of a relayed loop with dropout is the gradient of the function its forward
+    computed (the recompute redraws the forward's masks): checked against central differences
+    with the masks fixed by the seed (float64)."""
+    import spcompile
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = M.GRUDropoutLoop().double()
+    x = spcompile.shard_sequence(M.inp()[0].double(), dim=1).requires_grad_()
+    v = torch.randn_like(x)
+    w = torch.randn(x.shape[0], x.shape[1], M.D, dtype=torch.float64)
+    f = torch.compile(model, backend=spcompile.backend())
+
+    def loss(inp):
+        torch.manual_seed(1234)  # the same masks on every call (per rank)
+        return (f(inp) * w).sum()
+
+    loss(x).backward()
+    eps = 1e-6
+    with torch.no_grad():
+        num = (loss(x + eps * v) - loss(x - eps * v)) / (2 * eps)
+    # (every rank's loss depends on the earlier ranks' tokens: sum the directional derivative)
+    world = torch.distributed.group.WORLD
+    total_num = spcompile.collectives.all_reduce_sum(num.reshape(1), world)
+    total = spcompile.collectives.all_reduce_sum((x.grad * v).sum().reshape(1), world)
+    err = (total - total_num).abs().item() / max(1e-12, total_num.abs().item())
+    rec.true("relay with dropout: gradient = central difference (masks redrawn)", err < 1e-6,
+             f"grad·v {total.item():.8g} vs numeric {total_num.item():.8g}")
+
+
 def check_graph(rank, P, rec):
     """The loop is gone from the graph: one relay_region call, no per-token read left."""
     import spcompile

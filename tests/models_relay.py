@@ -251,3 +251,19 @@ class BiGRU(nn.Module):
 
     def forward(self, x):
         return self.g(x)[0]
+
+
+class GRUDropoutLoop(nn.Module):
+    """Dropout inside the loop body (training): the relay's backward recomputes the loop and
+    must draw the forward's masks again."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(D, D)
+
+    def forward(self, x):
+        h, hs = torch.zeros(x.shape[0], D, dtype=x.dtype), []
+        for t in range(x.shape[1]):
+            h = self.cell(F.dropout(x[:, t], 0.5, training=True), h)
+            hs.append(h)
+        return torch.stack(hs, 1)

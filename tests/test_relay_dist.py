@@ -6,7 +6,8 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_cells", "check_delta_rule", "check_rnn_modules", "check_graph", "check_refusals"]
+P2 = ["check_cells", "check_delta_rule", "check_rnn_modules", "check_dropout",
+      "check_graph", "check_refusals"]
 P4 = ["check_p4"]
 
 

@@ -47,7 +47,11 @@ class RegionSpec:
     out_meta: List[Tuple[Tuple[int, ...], torch.dtype]]
     tag: int = 0
     where: str = ""
-    calls: Dict[str, int] = field(default_factory=dict)
+    # the region draws random numbers (dropout): the forward's RNG state is kept for the
+    # recompute (on the CPU, and on each CUDA device in ``cuda``), as torch.utils.checkpoint
+    random: bool = False
+    cuda: List[int] = field(default_factory=list)
+    rng_sizes: List[int] = field(default_factory=list)
 
 
 _REGIONS: Dict[str, RegionSpec] = {}
@@ -58,6 +62,9 @@ def register_region(spec: RegionSpec) -> str:
     """Keep ``spec`` for the ops (looked up by the returned key when they run)."""
     n = next(_ids)
     spec.tag = 1000 + n  # (P2P tag: one per region)
+    if spec.random:
+        spec.rng_sizes = [torch.get_rng_state().numel()] + [
+            torch.cuda.get_rng_state(d).numel() for d in spec.cuda]
     key = f"relay{n}"
     _REGIONS[key] = spec
     return key
@@ -116,6 +123,7 @@ def _relay_region(inputs: List[Tensor], key: str, group: str) -> List[Tensor]:
             got = _exchange(spec, pg, what, None, 0, [ins[i] for i in spec.roots], r - 1)
             for i, t in zip(spec.roots, got):
                 ins[i] = t
+    rng = _rng_state(spec)
     with torch.no_grad():
         outs = list(spec.gm(*ins))
     if pg is not None and pg.size() > 1 and pg.rank() < pg.size() - 1:
@@ -124,7 +132,7 @@ def _relay_region(inputs: List[Tensor], key: str, group: str) -> List[Tensor]:
     # (strides as the fake kernel's: contiguous outputs, the entering states laid out as
     # the roots)
     entering = [torch.empty_like(inputs[i]).copy_(ins[i]) for i in spec.roots]
-    return _fresh([o.contiguous() for o in outs], list(inputs)) + entering
+    return _fresh([o.contiguous() for o in outs], list(inputs)) + entering + rng
 
 
 @_relay_region.register_fake
@@ -133,7 +141,27 @@ def _(inputs, key, group):
     dev = inputs[0].device if inputs else None
     outs = [inputs[0].new_empty(s, dtype=dt) if inputs else torch.empty(s, dtype=dt, device=dev)
             for s, dt in spec.out_meta]
-    return outs + [torch.empty_like(inputs[i]) for i in spec.roots]
+    return outs + [torch.empty_like(inputs[i]) for i in spec.roots] + [
+        torch.empty(n, dtype=torch.uint8) for n in spec.rng_sizes]
+
+
+def _rng_state(spec: RegionSpec) -> List[Tensor]:
+    if not spec.random:
+        return []
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in spec.cuda]
+
+
+@contextlib.contextmanager
+def _rng_restored(spec: RegionSpec, rng: List[Tensor]):
+    """Run the block with the RNG state the forward had (restoring the current one after)."""
+    if not spec.random or not rng:
+        yield
+        return
+    with torch.random.fork_rng(devices=spec.cuda):
+        torch.set_rng_state(rng[0])
+        for d, st in zip(spec.cuda, rng[1:]):
+            torch.cuda.set_rng_state(st, d)
+        yield
 
 
 @contextlib.contextmanager
@@ -152,7 +180,7 @@ def _differentiable(t: Tensor) -> bool:
 
 
 @torch.library.custom_op("spcompile::relay_region_bwd", mutates_args=())
-def _relay_region_bwd(inputs: List[Tensor], grads: List[Tensor], key: str,
+def _relay_region_bwd(inputs: List[Tensor], grads: List[Tensor], rng: List[Tensor], key: str,
                       group: str) -> List[Tensor]:
     """``inputs`` with the entering states in the roots' places; ``grads`` one per output.
     → one gradient per input (zeros where none); the roots' gradients on rank 0 only (the
@@ -167,7 +195,7 @@ def _relay_region_bwd(inputs: List[Tensor], grads: List[Tensor], key: str,
         got = _exchange(spec, pg, what, None, 0, [grads[i] for i in spec.finals], r + 1)
         for i, g in zip(spec.finals, got):
             grads[i] = grads[i] + g
-    with _autograd_inside_op():
+    with _autograd_inside_op(), _rng_restored(spec, rng):
         xs = [t.detach().requires_grad_(_differentiable(t)) for t in inputs]
         outs = list(spec.gm(*xs))
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, Tensor) and o.requires_grad]
@@ -187,7 +215,7 @@ def _relay_region_bwd(inputs: List[Tensor], grads: List[Tensor], key: str,
 
 
 @_relay_region_bwd.register_fake
-def _(inputs, grads, key, group):
+def _(inputs, grads, rng, key, group):
     return [torch.empty_like(t) for t in inputs]
 
 
@@ -195,11 +223,12 @@ def _setup(ctx, inputs, output):
     ins, key, group = inputs
     spec = _spec(key)
     n_out = len(spec.out_meta)
-    entering = output[n_out:]
+    entering = output[n_out:n_out + len(spec.roots)]
     saved = list(ins)
     for i, e in zip(spec.roots, entering):
         saved[i] = e
-    ctx.save_for_backward(*saved)
+    ctx.n_in = len(saved)
+    ctx.save_for_backward(*saved, *output[n_out + len(spec.roots):])
     ctx.args = (key, group)
     ctx.n_out = n_out
     ctx.diff = [_differentiable(t) for t in ins]
@@ -207,6 +236,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grads):
     saved = list(ctx.saved_tensors)
+    saved, rng = saved[:ctx.n_in], saved[ctx.n_in:]
     key, group = ctx.args
     spec = _spec(key)
     gs = []
@@ -214,7 +244,7 @@ def _backward(ctx, grads):
         if g is None:
             g = saved[0].new_zeros(s, dtype=dt) if saved else torch.zeros(s, dtype=dt)
         gs.append(g.contiguous())
-    res = _relay_region_bwd(saved, gs, key, group)
+    res = _relay_region_bwd(saved, gs, rng, key, group)
     return [g if d else None for g, d in zip(res, ctx.diff)], None, None
 
 

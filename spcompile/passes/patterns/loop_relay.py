@@ -467,7 +467,10 @@ class LoopRelay(Pattern):
             out_meta.append((tuple(v.shape), v.dtype))
         spec = RegionSpec(sub_gm, roots=list(range(len(ext), len(ext) + len(roots_in))),
                           finals=list(range(n_public, n_public + len(R.carried))),
-                          out_meta=out_meta, where=source_line(m.anchor) or m.anchor.name)
+                          out_meta=out_meta, where=source_line(m.anchor) or m.anchor.name,
+                          random=any(_draws_random(x) for x in R.region) or any(
+                              _draws_random(R.steps[0][t]) for _, t in R.synth),
+                          cuda=_cuda_devices(ext + roots_in))
         # (the placeholders: ext first, then the states: reorder to match)
         phs = [p for p in sub.nodes if p.op == "placeholder"]
         order = [env[a] for a in ext] + [root_ph[j] for j, _ in R.carried]
@@ -707,7 +710,8 @@ class RNNRelay(Pattern):
         n_pub = len(metas)
         spec = RegionSpec(sub_gm, roots=list(range(1 + len(params), 1 + len(params) + len(hs))),
                           finals=list(range(n_pub, n_pub + len(hs))),
-                          out_meta=metas + metas[1:], where=source_line(nd) or nd.name)
+                          out_meta=metas + metas[1:], where=source_line(nd) or nd.name,
+                          random=_draws_random(nd), cuda=_cuda_devices([x, *params, *hs]))
         key = register_region(spec)
         g = gm.graph
         with g.inserting_before(nd), ctx.provenance(gm, m, nd):
@@ -737,3 +741,28 @@ class RNNRelay(Pattern):
 
 
 _RNN_NAMES = {"gru": "nn.GRU", "lstm": "nn.LSTM", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN"}
+
+
+_RANDOM = {"dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+           "dropout1d", "dropout2d", "dropout3d", "native_dropout", "rand", "randn", "randint",
+           "rand_like", "randn_like", "randint_like", "bernoulli", "bernoulli_", "multinomial",
+           "normal", "normal_", "uniform_", "randperm", "rrelu", "poisson", "exponential_"}
+
+
+def _draws_random(x: fx.Node) -> bool:
+    """Does ``x`` draw random numbers (dropout, ``rand``; a fused RNN's inter-layer dropout)?"""
+    name = canonical_name(x)
+    if name in _RNN:
+        return len(x.args) > 6 and bool(x.args[5]) and bool(x.args[6])
+    return name in _RANDOM
+
+
+def _cuda_devices(nodes) -> List[int]:
+    out = []
+    for a in nodes:
+        v = tensor_val(a)
+        if v is not None and v.device.type == "cuda":
+            i = v.device.index or 0
+            if i not in out:
+                out.append(i)
+    return out
