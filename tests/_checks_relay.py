@@ -44,6 +44,15 @@ def check_delta_rule(rank, P, rec):
           kinds={"attention", "loop_scan"})
 
 
+def check_reversed(rank, P, rec):
+    be = exact(rank, P, rec, "GRU over reversed(range(T)), ys[t] = h", M.ReversedGRU, M.inp,
+               kinds={"loop_scan"})
+    rec.true("reversed GRU: one relay", len(_relays(be)) == 1, str(_relays(be)))
+    be = exact(rank, P, rec, "bidirectional GRU loops (forward + range(T-1, -1, -1)), finals",
+               M.BiGRULoops, M.inp, kinds={"loop_scan"})
+    rec.true("bidirectional loops: two relays", len(_relays(be)) == 2, str(_relays(be)))
+
+
 def check_rnn_modules(rank, P, rec):
     be = exact(rank, P, rec, "2-layer nn.GRU from a learned h0, final state returned",
                M.GRUModuleH0, M.inp, kinds={"loop_scan"})
@@ -104,8 +113,6 @@ def check_graph(rank, P, rec):
 
 
 def check_refusals(rank, P, rec):
-    refused(rank, P, rec, "GRU over reversed(range(T))", M.ReversedGRU, M.inp,
-            text=("last token to the first", "torch.flip"))
     refused(rank, P, rec, "GRU state from this rank's first token", M.GRUFromFirstToken, M.inp,
             text=("loop over",))
     refused(rank, P, rec, "GRU, a middle step's output used after the loop",
@@ -122,4 +129,6 @@ def check_p4(rank, P, rec):
     exact(rank, P, rec, "P4: xLSTM mLSTM recurrent", M.MLSTMRecurrent, M.inp,
           kinds={"loop_scan"})
     exact(rank, P, rec, "P4: 2-layer nn.GRU from a learned h0", M.GRUModuleH0, M.inp,
+          kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: bidirectional GRU loops, finals", M.BiGRULoops, M.inp,
           kinds={"loop_scan"})

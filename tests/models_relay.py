@@ -3,7 +3,8 @@ nonlinear cells (GRU / LSTM / a hand-written tanh RNN), the delta rule in fla's 
 spelling (``S.clone()``, ``o[:, :, i] = ...``, the final state returned), xLSTM's stabilised
 recurrent mLSTM step (``maximum`` of log gates), a nonlinear state over blocks, an exclusive
 readout whose last update Dynamo drops, two relayed layers, a hybrid with causal SDPA, and
-torch's fused ``nn.GRU`` with a learned ``h0`` (the op's ``hx``) and a bidirectional one.
+torch's fused ``nn.GRU`` with a learned ``h0`` (the op's ``hx``) and a bidirectional one, and
+loops from the last token to the first (relayed from the last rank to the first).
 
 Feature sizes (24) differ from the local lengths (16 at P = 2, 8 at P = 4)."""
 from __future__ import annotations
@@ -184,8 +185,8 @@ class HybridSDPAGRU(nn.Module):
 
 
 class ReversedGRU(nn.Module):
-    """A GRU run from the last token to the first: the state flows against the ranks' order
-    (refused, not silently wrong)."""
+    """A GRU run from the last token to the first (``ys[t] = h``): relayed from the last rank
+    to the first."""
 
     def __init__(self):
         super().__init__()
@@ -267,3 +268,24 @@ class GRUDropoutLoop(nn.Module):
             h = self.cell(F.dropout(x[:, t], 0.5, training=True), h)
             hs.append(h)
         return torch.stack(hs, 1)
+
+
+class BiGRULoops(nn.Module):
+    """A hand-written bidirectional RNN: a forward and a reversed loop over the same tokens, their
+    final states used too (the forward's is the last rank's, the reversed one's the first's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.b = nn.GRUCell(D, D), nn.GRUCell(D, D)
+
+    def forward(self, x):
+        T_ = x.shape[1]
+        h, fw = torch.zeros(x.shape[0], D), []
+        for t in range(T_):
+            h = self.f(x[:, t], h)
+            fw.append(h)
+        g, bw = torch.zeros(x.shape[0], D), [None] * T_
+        for t in range(T_ - 1, -1, -1):
+            g = self.b(x[:, t], g)
+            bw[t] = g
+        return torch.cat([torch.stack(fw, 1), torch.stack(bw, 1)], -1), h - g

@@ -6,7 +6,7 @@ import pytest
 
 from dist_harness import assert_rows, run_checks
 
-P2 = ["check_cells", "check_delta_rule", "check_rnn_modules", "check_dropout",
+P2 = ["check_cells", "check_delta_rule", "check_reversed", "check_rnn_modules", "check_dropout",
       "check_graph", "check_refusals"]
 P4 = ["check_p4"]
 

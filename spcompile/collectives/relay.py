@@ -13,7 +13,8 @@ of the model's graph into a small FX module):
   state) from rank ``r + 1``, the region is recomputed with autograd (its activations are not
   kept: the backward is one more forward), and dL/d(entering state) goes to rank ``r - 1``.
 
-The ranks run the region in turn (P times one rank's loop, plus the hops): exact, every rank
+A loop from the last token to the first (``RegionSpec.reverse``) is relayed the other way, from
+rank ``P - 1`` down to rank 0. The ranks run the region in turn (P times one rank's loop, plus the hops): exact, every rank
 holds only its own tokens' activations, and no speed-up for that layer. The region is one custom
 op, so nothing is scheduled between a rank's receive and its send: every rank calls the relays
 (and every other collective) in the same order, and a rank only ever waits for the rank before it
@@ -49,6 +50,7 @@ class RegionSpec:
     where: str = ""
     # the region draws random numbers (dropout): the forward's RNG state is kept for the
     # recompute (on the CPU, and on each CUDA device in ``cuda``), as torch.utils.checkpoint
+    reverse: bool = False  # the state flows from the last rank to the first
     random: bool = False
     cuda: List[int] = field(default_factory=list)
     rng_sizes: List[int] = field(default_factory=list)
@@ -116,19 +118,17 @@ def _relay_region(inputs: List[Tensor], key: str, group: str) -> List[Tensor]:
     spec = _spec(key)
     pg = rt.resolve_group(group)
     ins = list(inputs)
-    if pg is not None and pg.size() > 1:
-        r = pg.rank()
-        what = f"relay_region ({spec.where}) forward"
-        if r > 0:
-            got = _exchange(spec, pg, what, None, 0, [ins[i] for i in spec.roots], r - 1)
-            for i, t in zip(spec.roots, got):
-                ins[i] = t
+    pos, prev, nxt, P = _order(spec, pg)
+    what = f"relay_region ({spec.where}) forward"
+    if pos > 0:
+        got = _exchange(spec, pg, what, None, 0, [ins[i] for i in spec.roots], prev)
+        for i, t in zip(spec.roots, got):
+            ins[i] = t
     rng = _rng_state(spec)
     with torch.no_grad():
         outs = list(spec.gm(*ins))
-    if pg is not None and pg.size() > 1 and pg.rank() < pg.size() - 1:
-        _exchange(spec, pg, f"relay_region ({spec.where}) forward",
-                  [outs[i] for i in spec.finals], pg.rank() + 1, None, 0)
+    if pos < P - 1:
+        _exchange(spec, pg, what, [outs[i] for i in spec.finals], nxt, None, 0)
     # (strides as the fake kernel's: contiguous outputs, the entering states laid out as
     # the roots)
     entering = [torch.empty_like(inputs[i]).copy_(ins[i]) for i in spec.roots]
@@ -175,6 +175,17 @@ def _autograd_inside_op():
             yield
 
 
+def _order(spec: RegionSpec, pg):
+    """(this rank's place in the relay, the rank before it, the rank after it, P): ranks in
+    order, or from the last to the first for a loop run from the last token to the first."""
+    if pg is None or pg.size() == 1:
+        return 0, 0, 0, 1
+    P, r = pg.size(), pg.rank()
+    if spec.reverse:
+        return P - 1 - r, r + 1, r - 1, P
+    return r, r - 1, r + 1, P
+
+
 def _differentiable(t: Tensor) -> bool:
     return t.dtype.is_floating_point or t.dtype.is_complex
 
@@ -183,16 +194,15 @@ def _differentiable(t: Tensor) -> bool:
 def _relay_region_bwd(inputs: List[Tensor], grads: List[Tensor], rng: List[Tensor], key: str,
                       group: str) -> List[Tensor]:
     """``inputs`` with the entering states in the roots' places; ``grads`` one per output.
-    → one gradient per input (zeros where none); the roots' gradients on rank 0 only (the
-    other ranks' entering-state gradients go to the rank before)."""
+    → one gradient per input (zeros where none); the roots' gradients on the relay's first rank
+    only (the other ranks' entering-state gradients go to the rank before)."""
     spec = _spec(key)
     pg = rt.resolve_group(group)
-    P = 1 if pg is None else pg.size()
-    r = 0 if pg is None else pg.rank()
+    pos, prev, nxt, P = _order(spec, pg)
     what = f"relay_region ({spec.where}) backward"
     grads = list(grads)
-    if r < P - 1:  # dL/d(final state) from the rank after
-        got = _exchange(spec, pg, what, None, 0, [grads[i] for i in spec.finals], r + 1)
+    if pos < P - 1:  # dL/d(final state) from the rank after
+        got = _exchange(spec, pg, what, None, 0, [grads[i] for i in spec.finals], nxt)
         for i, g in zip(spec.finals, got):
             grads[i] = grads[i] + g
     with _autograd_inside_op(), _rng_restored(spec, rng):
@@ -207,8 +217,8 @@ def _relay_region_bwd(inputs: List[Tensor], grads: List[Tensor], rng: List[Tenso
     for x in xs:
         g = next(it) if x.requires_grad else None
         out.append(torch.zeros_like(x) if g is None else torch.empty_like(x).copy_(g))
-    if r > 0:  # the entering states came from the rank before: their gradients go back there
-        _exchange(spec, pg, what, [out[i] for i in spec.roots], r - 1, None, 0)
+    if pos > 0:  # the entering states came from the rank before: their gradients go back there
+        _exchange(spec, pg, what, [out[i] for i in spec.roots], prev, None, 0)
         for i in spec.roots:
             out[i] = torch.zeros_like(out[i])
     return out

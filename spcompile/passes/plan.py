@@ -37,7 +37,8 @@ def choose(match, ctx: Ctx) -> None:
         return
     only = match.info.get("only_strategy")
     if only:  # e.g. SDPA with a general mask: K/V all-gathered, the mask's rows recomputed
-        match.strategy, match.reason = only, "the only strategy for this form"
+        match.strategy = only
+        match.reason = match.info.get("_only_reason", "the only strategy for this form")
         return
     forced = None
     if match.kind == "linear_scan" and ctx.options.strategy != "auto":

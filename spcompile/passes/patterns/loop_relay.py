@@ -51,6 +51,10 @@ class _Fail(Exception):
     pass
 
 
+_SERIAL = ("no parallel form: the ranks run it in turn, each from the state the rank before "
+           "ended with (exact; serial)")
+
+
 TWO_STEPS_RELAY = ("only two steps per rank, and the state leaving the rank is not in the graph "
                    "(the next step's part of it, or a final state nothing uses): it cannot be "
                    "rebuilt from a step checked against another (use more tokens per rank, or "
@@ -74,6 +78,7 @@ class _Relay:
         self.carried_at: Dict[Tuple[int, tuple], int] = {}  # (step-0 node, operand path) → j
         self.combiners: Dict[fx.Node, int] = {}  # stack/cat → the sequence dim of its output
         self.finals_out: Set[fx.Node] = set()  # last-step values used after the loop
+        self.reverse = False  # the loop runs from the last token to the first
 
 
 class LoopRelay(Pattern):
@@ -89,16 +94,31 @@ class LoopRelay(Pattern):
                 continue  # the all-gather form takes it
             order = {n: i for i, n in enumerate(gm.graph.nodes)}
             first = min(reads, key=order.get)
-            try:
-                R = self._analyze(gm, ctx, list(spans), dict(reads), order)
-            except _Fail as e:
-                yield FailedMatch(self.name, first, str(e))
+            # two loops over one value (a forward and a reversed one): each reads every span
+            # once, one after the other; the first is taken here, the next once it is rewritten
+            cands = [dict(reads)]
+            srt = sorted(reads, key=order.get)
+            n = len(spans)
+            if len(srt) > n and len(srt) % n == 0:
+                chunks = [srt[i:i + n] for i in range(0, len(srt), n)]
+                if all(sorted(reads[r] for r in c) == sorted(spans) for c in chunks):
+                    cands.insert(0, {r: reads[r] for r in chunks[0]})
+            R, why = None, None
+            for cand in cands:
+                try:
+                    R = self._analyze(gm, ctx, list(spans), cand, order)
+                    break
+                except _Fail as e:
+                    why = why or str(e)
+            if R is None:
+                yield FailedMatch(self.name, first, why)
                 continue
             L = R.L
             yield Match(self.kind, self.name, first, nodes=set(R.region) | set(L.reads),
                         info={"steps": L.n, "states": len(R.carried),
                               "step_tokens": spans[0][1] - spans[0][0],
                               "only_strategy": "relay", "_relay": R, "owns_nodes": True,
+                              "_only_reason": _SERIAL,
                               "form": "Python loop, state carried rank to rank (serial)"})
 
     # ---------------------------------------------------------------- analysis
@@ -124,6 +144,19 @@ class LoopRelay(Pattern):
             if all(canonical_name(u) in _SHAPE_ONLY for u in r.users):
                 L.shape_reads.add(r)
         L.spans = list(spans)
+        # ``for t in reversed(range(T))``: the steps run from the last span to the first (the
+        # reads of each step come earlier in the graph the later their span): number the steps
+        # in the loop's order; the relay then runs from the last rank to the first
+        first = {}
+        for r, k in L.reads.items():
+            first[k] = min(first.get(k, order[r]), order[r])
+        if len(first) == n and all(first[k] > first[k + 1] for k in range(n - 1)):
+            R.reverse = True
+            flip = lambda k: n - 1 - k  # noqa: E731
+            L.reads = {r: flip(k) for r, k in L.reads.items()}
+            L.writes = {w: flip(k) for w, k in L.writes.items()}
+            L.write_views = {v: flip(k) for v, k in L.write_views.items()}
+            L.spans = L.spans[::-1]
 
         # the latest step each node reads (shape-only reads carry no step)
         mstep: Dict[fx.Node, int] = {}
@@ -324,7 +357,8 @@ class LoopRelay(Pattern):
                 continue
             tensors = c.args[0] if c.args else c.kwargs.get("tensors")
             if not isinstance(tensors, (list, tuple)) or len(tensors) != n or \
-                    [mstep.get(t) for t in tensors] != list(range(n)) or \
+                    [mstep.get(t) for t in tensors] != (list(range(n))[::-1] if R.reverse
+                                                         else list(range(n))) or \
                     not all(t in inside for t in tensors):
                 continue
             d = c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0)
@@ -470,7 +504,7 @@ class LoopRelay(Pattern):
                           out_meta=out_meta, where=source_line(m.anchor) or m.anchor.name,
                           random=any(_draws_random(x) for x in R.region) or any(
                               _draws_random(R.steps[0][t]) for _, t in R.synth),
-                          cuda=_cuda_devices(ext + roots_in))
+                          cuda=_cuda_devices(ext + roots_in), reverse=R.reverse)
         # (the placeholders: ext first, then the states: reorder to match)
         phs = [p for p in sub.nodes if p.op == "placeholder"]
         order = [env[a] for a in ext] + [root_ph[j] for j, _ in R.carried]
@@ -505,7 +539,7 @@ class LoopRelay(Pattern):
             for x, gi in zip(outs, gets):
                 if x in R.finals_out:
                     with g.inserting_after(prev):
-                        glob = g.call_function(_last_ranks, (gi, ctx.group_name))
+                        glob = g.call_function(_last_ranks, (gi, ctx.group_name, R.reverse))
                     glob.meta["example_value"] = x.meta.get("example_value")
                     glob.meta["spcompile_placement"] = Replicate()
                     gi.meta["spcompile_placement"] = Replicate()
@@ -630,16 +664,16 @@ def _freeze(x):
     return x
 
 
-def _last_ranks(x: torch.Tensor, group: str) -> torch.Tensor:
-    """The last rank's value of ``x`` on every rank (the global final state); the gradient goes
-    to the last rank's ``x``."""
+def _last_ranks(x: torch.Tensor, group: str, first: bool = False) -> torch.Tensor:
+    """The last rank's value of ``x`` on every rank (the global final state; the first rank's
+    for a loop from the last token to the first); the gradient goes to that rank's ``x``."""
     if not group:
         return x
     from ...collectives import group_size
     P = group_size(group)
     alls = torch.ops.spcompile.gather_sequence_rs(x.unsqueeze(0).contiguous(), 0, group,
                                                   "relay")
-    return alls[P - 1]
+    return alls[0 if first else P - 1]
 
 
 _RNN = {"gru": 1, "rnn_tanh": 1, "rnn_relu": 1, "lstm": 2}  # op → states (h, c)
@@ -684,7 +718,7 @@ class RNNRelay(Pattern):
                 continue
             yield Match(self.kind, self.name, nd, nodes={nd, *nd.users},
                         info={"states": len(hs), "layers": nd.args[4], "only_strategy": "relay",
-                              "owns_nodes": True,
+                              "owns_nodes": True, "_only_reason": _SERIAL,
                               "form": f"{_RNN_NAMES[name]}, state carried rank to rank "
                                       f"(serial)"})
 
