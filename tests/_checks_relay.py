@@ -42,6 +42,10 @@ def check_delta_rule(rank, P, rec):
           M.MLSTMRecurrent, M.inp, kinds={"loop_scan"})
     exact(rank, P, rec, "causal SDPA then a GRU loop", M.HybridSDPAGRU, M.inp,
           kinds={"attention", "loop_scan"})
+    exact(rank, P, rec, "Qwen3-Next torch_recurrent_gated_delta_rule (transformers)",
+          M.Qwen3NextGatedDelta, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "Qwen3-Next torch_chunk_gated_delta_rule, chunks of 4 (transformers)",
+          lambda: M.Qwen3NextGatedDelta(chunk=4), M.inp, kinds={"loop_scan"})
 
 
 def check_reversed(rank, P, rec):
@@ -132,3 +136,5 @@ def check_p4(rank, P, rec):
           kinds={"loop_scan"})
     exact(rank, P, rec, "P4: bidirectional GRU loops, finals", M.BiGRULoops, M.inp,
           kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: Qwen3-Next chunked gated delta rule, final state returned",
+          lambda: M.Qwen3NextGatedDelta(chunk=4, final=True), M.inp, kinds={"loop_scan"})

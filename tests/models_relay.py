@@ -289,3 +289,33 @@ class BiGRULoops(nn.Module):
             g = self.b(x[:, t], g)
             bw[t] = g
         return torch.cat([torch.stack(fw, 1), torch.stack(bw, 1)], -1), h - g
+
+
+class Qwen3NextGatedDelta(nn.Module):
+    """Qwen3-Next's gated delta rule from transformers' own code: ``torch_recurrent_gated_delta_rule``
+    (a loop over tokens) or ``torch_chunk_gated_delta_rule`` (``solve_triangular`` within chunks of
+    ``chunk`` tokens, then a loop over the chunks: per-chunk matrices, batched over the sharded
+    chunk axis, then the relay)."""
+
+    def __init__(self, chunk=None, final=False):
+        super().__init__()
+        self.p, self.gb = nn.Linear(D, 3 * H * 8), nn.Linear(D, 2 * H)
+        self.o = nn.Linear(H * 8, D)
+        self.chunk, self.final = chunk, final
+
+    def forward(self, x):
+        from transformers.models.qwen3_next import modeling_qwen3_next as Q
+        Bb, Tt, _ = x.shape
+        q, k, v = self.p(x).view(Bb, Tt, 3, H, 8).unbind(2)
+        g, beta = self.gb(x).view(Bb, Tt, 2, H).unbind(2)
+        g, beta = F.logsigmoid(g), beta.sigmoid()
+        if self.chunk:
+            o, st = Q.torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=self.chunk,
+                                                   output_final_state=self.final,
+                                                   use_qk_l2norm_in_kernel=True)
+        else:
+            o, st = Q.torch_recurrent_gated_delta_rule(q, k, v, g, beta,
+                                                       output_final_state=self.final,
+                                                       use_qk_l2norm_in_kernel=True)
+        y = self.o(o.reshape(Bb, Tt, H * 8))
+        return (y, st) if self.final else y

@@ -37,6 +37,8 @@ from .pipeline import Ctx, register_pass
 
 # fresh tensors shaped like their input (its values are not read)
 _SHAPE_LIKE = {"ones_like", "zeros_like", "full_like", "empty_like"}
+# batched linear algebra whose result drops the two matrix dims (a scalar per matrix)
+_LINALG_SCALAR = {"linalg_det", "det", "logdet"}
 # torch's fused recurrent layers (traced since spcompile sets Dynamo's allow_rnn): relayed
 # (patterns/loop_relay.py), or gathered when bidirectional
 _RNN_OPS = {"gru": "nn.GRU", "lstm": "nn.LSTM", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN"}
@@ -1141,6 +1143,30 @@ class Analyzer:
             return p
         return Mixing(f"{canonical_name(node)} along the sequence axis")
 
+    def batched_linalg(self, node: fx.Node) -> Placement:
+        """Linear algebra on the last two dims, batched over the others (``solve_triangular``,
+        ``linalg.solve``, ``inv``, ``cholesky``, ``matrix_exp``, ``det``): a sequence axis among
+        the batch dims (the chunks of a chunked form, ``[B, H, n, C, C]``) stays local; along
+        the matrices' own axes it mixes."""
+        off = None
+        first = None
+        for a in node.all_input_nodes:
+            p = self.get(a)
+            if isinstance(p, Replicate) or tensor_val(a) is None:
+                continue
+            if not isinstance(p, Shard) or p.rows or p.order:
+                return Mixing(f"{canonical_name(node)} of a {p} value")
+            o = p.dim - _nd(a)
+            if o >= -2:
+                return Mixing(f"{canonical_name(node)} along the sequence axis (a matrix axis)")
+            if off is not None and o != off:
+                return Mixing(f"{canonical_name(node)} of operands sharded on different dims")
+            off, first = o, p
+        if first is None:
+            return R
+        drop = 2 if canonical_name(node) in _LINALG_SCALAR else 0
+        return first.at(_nd(node) + off + drop)
+
     def size_query(self, node: fx.Node) -> Placement:
         """Sizes, dims, ``x.new_zeros(...)``: Python numbers or fresh tensors (replicated).
         A tensor-valued attribute of a sharded value other than those below is not known."""
@@ -1654,6 +1680,10 @@ RULES: Dict[str, Callable[[Analyzer, fx.Node], Placement]] = {
     "gather": Analyzer.index_along, "index_select": Analyzer.index_along,
     "index_add": Analyzer.index_along,
     "embedding": Analyzer.embedding, "normalize": Analyzer.last_dim_local,
+    **{n: Analyzer.batched_linalg for n in (
+        "linalg_solve_triangular", "solve_triangular", "linalg_solve", "linalg_inv", "inverse",
+        "linalg_cholesky", "cholesky", "matrix_exp", "linalg_matrix_exp", "linalg_pinv",
+        "pinverse", "linalg_det", "det", "logdet", "cholesky_solve", "cholesky_inverse")},
     "size": Analyzer.size_query, "dim": Analyzer.size_query, "shape": Analyzer.size_query,
     "getattr": Analyzer.size_query,
     # fresh tensors that only take the input's dtype/device (their sizes are Python ints)
