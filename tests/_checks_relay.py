@@ -38,6 +38,8 @@ def check_delta_rule(rank, P, rec):
     ms = _relays(be)
     rec.true("DeltaNet: one relay carrying S", len(ms) == 1 and ms[0].info["states"] >= 1,
              str([m.info for m in ms]))
+    exact(rank, P, rec, "DeltaNet, fla's chunkwise reference (WY within chunks, chunk loop)",
+          M.DeltaNetChunkwise, M.inp, kinds={"loop_scan"})
     exact(rank, P, rec, "xLSTM recurrent mLSTM (max stabiliser, state (C, n, m))",
           M.MLSTMRecurrent, M.inp, kinds={"loop_scan"})
     exact(rank, P, rec, "causal SDPA then a GRU loop", M.HybridSDPAGRU, M.inp,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 D, H, T, B = 24, 2, 32, 2
 
@@ -319,3 +320,47 @@ class Qwen3NextGatedDelta(nn.Module):
                                                        use_qk_l2norm_in_kernel=True)
         y = self.o(o.reshape(Bb, Tt, H * 8))
         return (y, st) if self.final else y
+
+
+def delta_rule_chunkwise(q, k, v, beta, chunk_size=4):
+    """flash-linear-attention's chunkwise delta rule reference (WY form within chunks, in-place
+    forward substitution on the chunk-internal axis, then a loop over the chunks)."""
+    b, h, l, d_k = q.shape
+    d_v = v.shape[-1]
+    q = q * (d_k ** -0.5)
+    v = v * beta[..., None]
+    k_beta = k * beta[..., None]
+    mask = torch.triu(torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device), diagonal=0)
+    q, k, v, k_beta = map(lambda x: rearrange(x, 'b h (n c) d -> b h n c d', c=chunk_size), [q, k, v, k_beta])
+    attn = -(k_beta @ k.transpose(-1, -2)).masked_fill(mask, 0)
+    for i in range(1, chunk_size):
+        attn[..., i, :i] = attn[..., i, :i] + (attn[..., i, :, None].clone() * attn[..., :, :i].clone()).sum(-2)
+    attn = attn + torch.eye(chunk_size, dtype=torch.float, device=q.device)
+    u = attn @ v
+    w = attn @ k_beta
+    S = k.new_zeros(b, h, d_k, d_v)
+    o = torch.zeros_like(v)
+    mask = torch.triu(torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device), diagonal=1)
+    for i in range(0, l // chunk_size):
+        q_i, k_i = q[:, :, i], k[:, :, i]
+        attn = (q_i @ k_i.transpose(-1, -2)).masked_fill_(mask, 0)
+        u_i = u[:, :, i] - w[:, :, i] @ S
+        o_inter = q_i @ S
+        o[:, :, i] = o_inter + attn @ u_i
+        S = S + k_i.transpose(-1, -2) @ u_i
+    return rearrange(o, 'b h n c d -> b h (n c) d'), S
+
+
+class DeltaNetChunkwise(nn.Module):
+    """DeltaNet with fla's chunkwise reference (chunks of 4), the final state returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.b = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, H)
+
+    def forward(self, x):
+        Bb, Tt, _ = x.shape
+        q, k, v = (t.view(Bb, Tt, H, -1).transpose(1, 2) for t in self.p(x).chunk(3, -1))
+        o, S = delta_rule_chunkwise(q, F.normalize(k, dim=-1), v,
+                                    self.b(x).sigmoid().transpose(1, 2))
+        return o.transpose(1, 2).reshape(Bb, Tt, D), S
