@@ -30,6 +30,8 @@ def check_cells(rank, P, rec):
           M.ElmanExclusive, M.inp, kinds={"loop_scan"})
     exact(rank, P, rec, "nonlinear state over blocks of 4 tokens", M.BlockRNN, M.inp,
           kinds={"loop_scan"})
+    exact(rank, P, rec, "GRU loop under autocast(bfloat16) inside forward", M.AutocastGRULoop,
+          M.inp, kinds={"loop_scan"}, tol=3e-2)
 
 
 def check_delta_rule(rank, P, rec):

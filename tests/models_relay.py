@@ -364,3 +364,21 @@ class DeltaNetChunkwise(nn.Module):
         o, S = delta_rule_chunkwise(q, F.normalize(k, dim=-1), v,
                                     self.b(x).sigmoid().transpose(1, 2))
         return o.transpose(1, 2).reshape(Bb, Tt, D), S
+
+
+class AutocastGRULoop(nn.Module):
+    """A GRU loop under ``torch.autocast(bfloat16)`` entered inside ``forward``: the relayed
+    region runs outside the compiled graph and re-enters the autocast region it sat in."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.o = nn.GRUCell(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, hs = torch.zeros(x.shape[0], D), []
+            for t in range(x.shape[1]):
+                h = self.cell(x[:, t], h)
+                hs.append(h)
+            y = self.o(torch.stack(hs, 1))
+        return y.float()

@@ -51,6 +51,9 @@ class RegionSpec:
     # the region draws random numbers (dropout): the forward's RNG state is kept for the
     # recompute (on the CPU, and on each CUDA device in ``cuda``), as torch.utils.checkpoint
     reverse: bool = False  # the state flows from the last rank to the first
+    # the torch.autocast region the loop sat in ((device, dtype, enabled) of Dynamo's
+    # _enter_autocast): re-entered around the region, which runs outside the compiled graph
+    autocast: Optional[tuple] = None
     random: bool = False
     cuda: List[int] = field(default_factory=list)
     rng_sizes: List[int] = field(default_factory=list)
@@ -125,8 +128,9 @@ def _relay_region(inputs: List[Tensor], key: str, group: str) -> List[Tensor]:
         for i, t in zip(spec.roots, got):
             ins[i] = t
     rng = _rng_state(spec)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(spec):
         outs = list(spec.gm(*ins))
+    outs = [o.to(dt) if o.dtype != dt else o for o, (_, dt) in zip(outs, spec.out_meta)]
     if pos < P - 1:
         _exchange(spec, pg, what, [outs[i] for i in spec.finals], nxt, None, 0)
     # (strides as the fake kernel's: contiguous outputs, the entering states laid out as
@@ -143,6 +147,13 @@ def _(inputs, key, group):
             for s, dt in spec.out_meta]
     return outs + [torch.empty_like(inputs[i]) for i in spec.roots] + [
         torch.empty(n, dtype=torch.uint8) for n in spec.rng_sizes]
+
+
+def _autocast(spec: RegionSpec):
+    if not spec.autocast:
+        return contextlib.nullcontext()
+    dev, dt, on = (tuple(spec.autocast) + (None, None, True))[:3]
+    return torch.autocast(device_type=dev, dtype=dt, enabled=bool(on))
 
 
 def _rng_state(spec: RegionSpec) -> List[Tensor]:
@@ -205,9 +216,10 @@ def _relay_region_bwd(inputs: List[Tensor], grads: List[Tensor], rng: List[Tenso
         got = _exchange(spec, pg, what, None, 0, [grads[i] for i in spec.finals], nxt)
         for i, g in zip(spec.finals, got):
             grads[i] = grads[i] + g
-    with _autograd_inside_op(), _rng_restored(spec, rng):
+    with _autograd_inside_op(), _rng_restored(spec, rng), _autocast(spec):
         xs = [t.detach().requires_grad_(_differentiable(t)) for t in inputs]
-        outs = list(spec.gm(*xs))
+        outs = [o.to(dt) if o.dtype != dt else o
+                for o, (_, dt) in zip(spec.gm(*xs), spec.out_meta)]
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, Tensor) and o.requires_grad]
         diff = [x for x in xs if x.requires_grad]
         res = torch.autograd.grad([o for o, _ in pairs], diff, [g for _, g in pairs],

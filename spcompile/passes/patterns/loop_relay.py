@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_utils import canonical_name, mutates, shape, tensor_val
+from ..graph_utils import _autocast_at, canonical_name, mutates, shape, tensor_val
 from ..pipeline import Ctx, source_line
 from ..sequence_axis import Replicate, Shard
 from .base import FailedMatch, Found, Match, Pattern
@@ -504,7 +504,8 @@ class LoopRelay(Pattern):
                           out_meta=out_meta, where=source_line(m.anchor) or m.anchor.name,
                           random=any(_draws_random(x) for x in R.region) or any(
                               _draws_random(R.steps[0][t]) for _, t in R.synth),
-                          cuda=_cuda_devices(ext + roots_in), reverse=R.reverse)
+                          cuda=_cuda_devices(ext + roots_in), reverse=R.reverse,
+                          autocast=_autocast_at(R.region[0]))
         # (the placeholders: ext first, then the states: reorder to match)
         phs = [p for p in sub.nodes if p.op == "placeholder"]
         order = [env[a] for a in ext] + [root_ph[j] for j, _ in R.carried]
@@ -745,7 +746,8 @@ class RNNRelay(Pattern):
         spec = RegionSpec(sub_gm, roots=list(range(1 + len(params), 1 + len(params) + len(hs))),
                           finals=list(range(n_pub, n_pub + len(hs))),
                           out_meta=metas + metas[1:], where=source_line(nd) or nd.name,
-                          random=_draws_random(nd), cuda=_cuda_devices([x, *params, *hs]))
+                          random=_draws_random(nd), cuda=_cuda_devices([x, *params, *hs]),
+                          autocast=_autocast_at(nd))
         key = register_region(spec)
         g = gm.graph
         with g.inserting_before(nd), ctx.provenance(gm, m, nd):
