@@ -205,10 +205,9 @@ def _trace_rnns() -> None:
 
     By default Dynamo breaks the graph at those modules and runs them eagerly, where spcompile
     cannot see them: on a shard of the sequence each rank's recurrence would restart from a zero
-    state, silently wrong. Traced, unidirectional ones run as a relay (``rnn_relay``: ``hx`` is
-    the state entering the rank); a bidirectional one reaches the fallback like any other op
-    that mixes tokens with no pattern (gathered, with a warning; refused under
-    ``strict=True``). Set when
+    state, silently wrong. Traced, they run as a relay (``rnn_relay``: ``hx`` is the state
+    entering the rank; a bidirectional layer's reverse direction is relayed the other way). Set
+    when
     spcompile is imported, i.e. before Dynamo traces anything for the ``sp`` backend; it is a
     process-wide Dynamo setting (it only changes how other backends see those three modules).
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import models_relay as M
-from _outcomes import exact, gathered, refused
+from _outcomes import exact, refused
 
 
 def _relays(be):
@@ -67,8 +67,13 @@ def check_rnn_modules(rank, P, rec):
     rec.true("nn.GRU: matched by rnn_relay",
              [m.pattern for r in be.reports for m in r.matches] == ["rnn_relay"],
              str([m.pattern for r in be.reports for m in r.matches]))
-    gathered(rank, P, rec, "bidirectional nn.GRU", M.BiGRU, M.inp, ops=("gru",),
-             file="models_relay.py")
+    exact(rank, P, rec, "bidirectional nn.GRU", M.BiGRU, M.inp, kinds={"loop_scan"})
+    exact(rank, P, rec, "2-layer bidirectional nn.LSTM, final (h, c)", M.BiLSTM2, M.inp,
+          kinds={"loop_scan"})
+    exact(rank, P, rec, "bidirectional nn.LSTM with proj_size", lambda: M.BiLSTM2(4, 1), M.inp,
+          kinds={"loop_scan"})
+    exact(rank, P, rec, "time-major bidirectional nn.GRU", M.BiGRUTimeMajor, M.inp,
+          kinds={"loop_scan"})
 
 
 def check_dropout(rank, P, rec):
@@ -139,6 +144,8 @@ def check_p4(rank, P, rec):
     exact(rank, P, rec, "P4: 2-layer nn.GRU from a learned h0", M.GRUModuleH0, M.inp,
           kinds={"loop_scan"})
     exact(rank, P, rec, "P4: bidirectional GRU loops, finals", M.BiGRULoops, M.inp,
+          kinds={"loop_scan"})
+    exact(rank, P, rec, "P4: 2-layer bidirectional nn.LSTM", M.BiLSTM2, M.inp,
           kinds={"loop_scan"})
     exact(rank, P, rec, "P4: Qwen3-Next chunked gated delta rule, final state returned",
           lambda: M.Qwen3NextGatedDelta(chunk=4, final=True), M.inp, kinds={"loop_scan"})

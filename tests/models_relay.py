@@ -3,7 +3,7 @@ nonlinear cells (GRU / LSTM / a hand-written tanh RNN), the delta rule in fla's 
 spelling (``S.clone()``, ``o[:, :, i] = ...``, the final state returned), xLSTM's stabilised
 recurrent mLSTM step (``maximum`` of log gates), a nonlinear state over blocks, an exclusive
 readout whose last update Dynamo drops, two relayed layers, a hybrid with causal SDPA, and
-torch's fused ``nn.GRU`` with a learned ``h0`` (the op's ``hx``) and a bidirectional one, and
+torch's fused ``nn.GRU`` with a learned ``h0`` (the op's ``hx``), bidirectional ones, and
 loops from the last token to the first (relayed from the last rank to the first).
 
 Feature sizes (24) differ from the local lengths (16 at P = 2, 8 at P = 4)."""
@@ -244,8 +244,8 @@ class GRUModuleH0(nn.Module):
 
 
 class BiGRU(nn.Module):
-    """A bidirectional ``nn.GRU``: its backward direction runs against the ranks' order
-    (gathered)."""
+    """A bidirectional ``nn.GRU``: taken apart into a forward relay and a reverse relay (the
+    shard flipped, run, flipped back; from the last rank to the first)."""
 
     def __init__(self):
         super().__init__()
@@ -382,3 +382,29 @@ class AutocastGRULoop(nn.Module):
                 hs.append(h)
             y = self.o(torch.stack(hs, 1))
         return y.float()
+
+
+class BiLSTM2(nn.Module):
+    """A 2-layer bidirectional ``nn.LSTM`` (the second layer reads both directions), final
+    ``(h, c)`` returned."""
+
+    def __init__(self, proj_size=0, layers=2):
+        super().__init__()
+        self.g = nn.LSTM(D, 8, num_layers=layers, batch_first=True, bidirectional=True,
+                         proj_size=proj_size)
+
+    def forward(self, x):
+        y, (h, c) = self.g(x)
+        return y, h, c
+
+
+class BiGRUTimeMajor(nn.Module):
+    """A time-major bidirectional ``nn.GRU`` (``[T, B, D]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.GRU(D, 8, bidirectional=True)
+
+    def forward(self, x):
+        y, h = self.g(x.transpose(0, 1))
+        return y.transpose(0, 1), h

@@ -40,7 +40,7 @@ _SHAPE_LIKE = {"ones_like", "zeros_like", "full_like", "empty_like"}
 # batched linear algebra whose result drops the two matrix dims (a scalar per matrix)
 _LINALG_SCALAR = {"linalg_det", "det", "logdet"}
 # torch's fused recurrent layers (traced since spcompile sets Dynamo's allow_rnn): relayed
-# (patterns/loop_relay.py), or gathered when bidirectional
+# (patterns/loop_relay.py)
 _RNN_OPS = {"gru": "nn.GRU", "lstm": "nn.LSTM", "rnn_tanh": "nn.RNN", "rnn_relu": "nn.RNN"}
 
 

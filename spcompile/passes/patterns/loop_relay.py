@@ -684,7 +684,9 @@ class RNNRelay(Pattern):
     """torch's fused recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``; any number of layers,
     unidirectional) run as a relay: ``torch.gru(x, hx, params, ...)`` takes the state entering
     the rank as ``hx`` and returns the state leaving it, so the op itself is the region. A
-    bidirectional layer (its backward direction runs against the ranks' order) stays gathered."""
+    bidirectional layer is taken apart: per layer, the forward direction is relayed from the
+    first rank to the last, the reverse direction (the shard flipped, run, flipped back) from
+    the last to the first, and the next layer reads both, concatenated."""
     name = "rnn_relay"
     kind = "loop_scan"
 
@@ -699,9 +701,7 @@ class RNNRelay(Pattern):
             x, hx, params = nd.args[0], nd.args[1], nd.args[2]
             bidir, batch_first = nd.args[7], nd.args[8]
             p = ctx.placements.get(x)
-            if bidir is not False:
-                yield FailedMatch(self.name, nd, "a bidirectional layer: its backward direction "
-                                                 "runs from the last token to the first")
+            if not isinstance(bidir, bool) or not isinstance(nd.args[4], int):
                 continue
             sx = shape(x)
             if not isinstance(p, Shard) or p.merged or sx is None or len(sx) != 3 or \
@@ -726,6 +726,8 @@ class RNNRelay(Pattern):
     def rewrite(self, gm: fx.GraphModule, ctx: Ctx, m: Match) -> None:
         if ctx.world_size == 1:
             return
+        if m.anchor.args[7]:
+            return self._rewrite_bidirectional(gm, ctx, m)
         from ...collectives.relay import RegionSpec, register_region, relay_region
         nd = m.anchor
         x, hx, params = nd.args[0], nd.args[1], list(nd.args[2])
@@ -770,6 +772,86 @@ class RNNRelay(Pattern):
                     new.meta["example_value"] = u.meta.get("example_value")
                     new.meta["spcompile_placement"] = Replicate()
             u.replace_all_uses_with(new)
+            g.erase_node(u)
+        g.erase_node(nd)
+        from ..detect import redetect
+        redetect(gm, ctx)
+
+
+    def _rewrite_bidirectional(self, gm: fx.GraphModule, ctx: Ctx, m: Match) -> None:
+        from ...collectives.relay import RegionSpec, register_region, relay_region
+        from ..graph_utils import set_meta
+        nd = m.anchor
+        x, hx, params = nd.args[0], nd.args[1], list(nd.args[2])
+        has_b, layers, dropout, train, _, batch_first = nd.args[3:9]
+        hs = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+        k = len(params) // (2 * layers)  # weights per layer and direction
+        seq = 1 if batch_first else 0
+        vals = nd.meta.get("example_value")
+        g = gm.graph
+        finals: List[List[fx.Node]] = [[] for _ in hs]
+        cur = x
+
+        def mk(fn, args, placement):
+            n = g.call_function(fn, tuple(args))
+            set_meta(n)
+            n.meta["spcompile_placement"] = placement
+            return n
+
+        with g.inserting_before(nd), ctx.provenance(gm, m, nd):
+            for layer in range(layers):
+                outs = []
+                for d in (0, 1):
+                    i = 2 * layer + d
+                    w = params[i * k:(i + 1) * k]
+                    h_in = [mk(operator.getitem, (h, slice(i, i + 1)), Replicate()) for h in hs]
+                    sub = fx.Graph()
+                    ph_x = sub.placeholder("x")
+                    ph_w = [sub.placeholder(f"w{j}") for j in range(len(w))]
+                    ph_h = [sub.placeholder(f"state_{j}") for j in range(len(hs))]
+                    xin = sub.call_function(torch.flip, (ph_x, [seq])) if d else ph_x
+                    call = sub.call_function(nd.target, (
+                        xin, tuple(ph_h) if isinstance(hx, (list, tuple)) else ph_h[0], ph_w,
+                        has_b, 1, 0.0, train, False, batch_first))
+                    o = sub.call_function(operator.getitem, (call, 0))
+                    if d:
+                        o = sub.call_function(torch.flip, (o, [seq]))
+                    fin = [sub.call_function(operator.getitem, (call, 1 + j))
+                           for j in range(len(hs))]
+                    sub.output(tuple([o] + fin + fin))
+                    # (metas: this direction's part of the layer's output and states)
+                    o_meta = vals[0][..., :vals[0].shape[-1] // 2]
+                    f_meta = [v[i:i + 1] for v in vals[1:]]
+                    metas = [o_meta] + f_meta
+                    spec = RegionSpec(fx.GraphModule(torch.nn.Module(), sub),
+                                      roots=list(range(1 + len(w), 1 + len(w) + len(hs))),
+                                      finals=list(range(len(metas), len(metas) + len(hs))),
+                                      out_meta=[(tuple(v.shape), v.dtype) for v in metas + f_meta],
+                                      where=source_line(nd) or nd.name, reverse=bool(d),
+                                      random=False, cuda=_cuda_devices([x, *params, *hs]),
+                                      autocast=_autocast_at(nd))
+                    key = register_region(spec)
+                    r = g.call_function(relay_region, ([cur, *w, *h_in], key, ctx.group_name))
+                    r.meta["example_value"] = metas + f_meta + [tensor_val(h) for h in h_in]
+                    r.meta["spcompile_placement"] = Replicate()
+                    og = g.call_function(operator.getitem, (r, 0))
+                    og.meta["example_value"] = o_meta
+                    og.meta["spcompile_placement"] = Shard(seq)
+                    outs.append(og)
+                    for j in range(len(hs)):
+                        fg = g.call_function(operator.getitem, (r, 1 + j))
+                        fg.meta["example_value"] = f_meta[j]
+                        fg.meta["spcompile_placement"] = Replicate()
+                        finals[j].append(mk(_last_ranks, (fg, ctx.group_name, bool(d)),
+                                            Replicate()))
+                cur = mk(torch.cat, (outs, -1), Shard(seq))
+                if dropout and train and layer < layers - 1:
+                    cur = mk(torch.nn.functional.dropout, (cur, float(dropout), True),
+                             Shard(seq))
+            states = [mk(torch.cat, (f, 0), Replicate()) for f in finals]
+        for u in list(nd.users):
+            i = u.args[1]
+            u.replace_all_uses_with(cur if i == 0 else states[i - 1])
             g.erase_node(u)
         g.erase_node(nd)
         from ..detect import redetect
